@@ -1,0 +1,78 @@
+"""``python -m data_pipeline``: build the embedded data, preprocess echo-data."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from debater.logs import setup_logging
+
+log = logging.getLogger("data_pipeline")
+
+
+def _settings(args):
+    from debater.config import config_from_dict, load_config
+
+    if args.config:
+        config = load_config(args.config, {"model_name_or_path": args.model})
+    else:
+        config = config_from_dict({"model_name_or_path": args.model, "dataset_file_path": str(args.data),
+                                   "output_dir": str(args.out)})
+    settings = config.encoding_settings()
+    for key in ("cod_steps", "doc_max_length", "query_max_length"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(settings, key, value)
+    return settings
+
+
+def cmd_preprocess(args) -> int:
+    from data_pipeline.stage_tokenize import preprocess
+
+    manifest = preprocess(args.data, args.out, args.model, _settings(args), strict=args.strict,
+                          workers=args.workers)
+    for entry in manifest["files"]:
+        log.info("%s: read %d, written %d, skipped %s", entry["file"], entry["read"], entry["written"],
+                 entry["skipped"] or "none")
+    log.info("manifest: %s", args.out / "manifest.json")
+    return 0
+
+
+def cmd_build_debian(args) -> int:
+    from data_pipeline.debian import build_debian_data
+
+    print(json.dumps(build_debian_data(args.out), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("preprocess", help="tokenize an echo-data folder into cached Arrow shards")
+    pre.add_argument("--data", type=Path, required=True, help="folder of echo-format .jsonl files")
+    pre.add_argument("--out", type=Path, required=True, help="output folder (manifest.json, shards/)")
+    pre.add_argument("--model", default="assets/models/smollm2-135m", help="model whose tokenizer to use")
+    pre.add_argument("--config", help="training config JSON: lengths, cod_steps, prompt, loss_variant from it")
+    pre.add_argument("--cod-steps", dest="cod_steps", type=int)
+    pre.add_argument("--max-seq-length", dest="doc_max_length", type=int)
+    pre.add_argument("--query-max-length", dest="query_max_length", type=int)
+    pre.add_argument("--workers", type=int, help="parallel processes (default: one per core)")
+    pre.add_argument("--strict", action="store_true", help="any bad row is an error instead of a counted skip")
+    pre.set_defaults(func=cmd_preprocess)
+    deb = sub.add_parser("build-debian", help="build the embedded Debian retrieval data (train + BEIR test)")
+    deb.add_argument("--out", type=Path, default=Path("assets/data/debian"))
+    deb.set_defaults(func=cmd_build_debian)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

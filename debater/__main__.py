@@ -1,0 +1,5 @@
+import sys
+
+from debater.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The one module that talks to ``torch.distributed``.
+
+``gather_with_grad`` concatenates a tensor from every rank in rank order. Its
+backward sums the incoming gradients over ranks before taking this rank's
+slice: each rank's loss covers only its own queries, so the gradient reaching
+rank r's embeddings is the sum over every rank's loss. After DeepSpeed
+averages parameter gradients over W ranks, the result equals the gradient of
+the mean loss over the whole global batch, as one process would compute it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.local_size = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.local_size
+        return grad[start:start + ctx.local_size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``tensor`` concatenated along dim 0 (equal sizes), differentiable."""
+    if world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Average of a detached value over ranks, for logging."""
+    value = value.detach().clone().float()
+    if world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world_size()
+    return value
+
+
+def gather_values(value: torch.Tensor) -> torch.Tensor:
+    """Concatenate a detached tensor from every rank (equal sizes), for logging."""
+    if world_size() == 1:
+        return value.detach()
+    parts = [torch.empty_like(value) for _ in range(world_size())]
+    dist.all_gather(parts, value.detach().contiguous())
+    return torch.cat(parts)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

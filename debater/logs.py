@@ -1,0 +1,23 @@
+"""One logging set-up for every command line entry point."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def setup_logging(verbose: bool = False) -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx", "urllib3", "filelock", "torch.distributed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,154 @@
+"""The DEBATER encoder: a decoder LM (+ LoRA + step-token rows) that embeds
+queries by their last token and documents by the hidden states of their last
+K positions (the step tokens), all from one forward pass per text group.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from debater.prompts import EncodingSettings, resolve_step_tokens
+
+log = logging.getLogger(__name__)
+ENCODER_FILE = "debater.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def choose_attention(requested: str) -> str:
+    """flash_attention_2 needs the flash-attn package and a GPU; otherwise fall back to sdpa."""
+    if requested == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            log.warning("attn_implementation=flash_attention_2 is not available here (flash-attn not installed "
+                        "or no CUDA GPU); using sdpa")
+            return "sdpa"
+    return requested
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Names of every linear layer inside the transformer blocks (attention and MLP alike).
+
+    Covers q/k/v/o + gate/up/down for Llama/Qwen2/Mistral/MiniCPM and the MLA
+    projections (q_a_proj, kv_a_proj_with_mqa, ...) of MiniCPM3.
+    """
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in f".{full_name}":
+            names.add(full_name.rsplit(".", 1)[-1])
+    if not names:
+        raise ValueError("found no linear layers under '.layers.': pass lora_target_modules explicitly")
+    return sorted(names)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding changes nothing."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DebaterEncoder(nn.Module):
+    def __init__(self, backbone: nn.Module, settings: EncodingSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.settings = settings
+
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        return out.last_hidden_state
+
+    def encode_queries(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, D]: hidden state of the last (EOS) token; inputs are left-padded."""
+        return self.hidden_states(ids, mask)[:, -1]
+
+    def encode_documents(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[N, V, D]: hidden states of the last V positions (the step tokens)."""
+        return self.hidden_states(ids, mask)[:, -self.settings.num_views:]
+
+    def forward(self, query_ids, query_mask, doc_ids, doc_mask):
+        return self.encode_queries(query_ids, query_mask), self.encode_documents(doc_ids, doc_mask)
+
+
+def grow_embeddings(model, tokenizer) -> None:
+    """Add embedding rows for added step tokens, initialised reproducibly around the mean row."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_code: bool = False):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=choose_attention(attn_implementation),
+                                     trust_remote_code=trust_remote_code)
+
+
+def build_training_encoder(config, tokenizer) -> DebaterEncoder:
+    """Backbone + LoRA (+ trainable rows for added step tokens), as the config says."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    settings = config.encoding_settings()
+    added = resolve_step_tokens(tokenizer, settings)
+    backbone = load_backbone(config.model_name_or_path, config.torch_dtype, config.attn_implementation,
+                             config.trust_remote_code)
+    if added:
+        grow_embeddings(backbone, tokenizer)
+    if config.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.peft_model_name_or_path:
+        model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)
+    else:
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules or lora_targets(backbone),
+                          trainable_token_indices=tokenizer.convert_tokens_to_ids(added) if added else None)
+        model = get_peft_model(backbone, lora)
+    return DebaterEncoder(model, settings)
+
+
+def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str) -> None:
+    """Write the PEFT adapter, the tokenizer (with step tokens) and the encoding settings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # step-token rows travel as trainable-token values, so the resized embedding need not be saved whole
+    encoder.backbone.save_pretrained(out_dir, save_embedding_layers=False)
+    tokenizer.save_pretrained(out_dir)
+    meta = {"base_model": base_model, "pooling": pooling, "settings": encoder.settings.to_dict()}
+    (out_dir / ENCODER_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+                 max_length: int | None = None) -> tuple[DebaterEncoder, object, str]:
+    """Load an exported adapter (or a training output_dir holding ``adapter/``) or a plain base model.
+
+    Returns (encoder in eval mode, tokenizer, pooling). A base model gets the
+    default DEBATER formatting with fresh step tokens, i.e. the untrained baseline.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if (folder / "adapter" / ENCODER_FILE).exists():
+        folder = folder / "adapter"
+    if (folder / ENCODER_FILE).exists():
+        from peft import PeftModel
+
+        meta = json.loads((folder / ENCODER_FILE).read_text())
+        settings = EncodingSettings(**meta["settings"])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        backbone = load_backbone(meta["base_model"], dtype, attn_implementation)
+        if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()
+        pooling = meta["pooling"]
+    else:
+        settings = EncodingSettings()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        added = resolve_step_tokens(tokenizer, settings)
+        model = load_backbone(path, dtype, attn_implementation)
+        if added:
+            grow_embeddings(model, tokenizer)
+        pooling = "last_step"
+    if max_length:
+        settings.query_max_length = settings.doc_max_length = max_length
+    encoder = DebaterEncoder(model, settings).eval()
+    return encoder, tokenizer, pooling
