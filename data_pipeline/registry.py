@@ -45,8 +45,8 @@ def load_extra_instructions(path: Path | None) -> dict[str, list[str]]:
     if path is None or not path.exists():
         return {}
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RegistryError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise RegistryError(f"{path}: expected an object mapping file stem -> instruction")

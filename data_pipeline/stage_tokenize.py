@@ -174,6 +174,9 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
         sidecar = shard.with_suffix(".json")
         if shard.exists() and sidecar.exists():
             entries[path.name] = json.loads(sidecar.read_text())
+            if strict and entries[path.name]["skipped"]:
+                raise ValueError(f"{path}: rows were skipped ({entries[path.name]['skipped']}); "
+                                 "--strict turns skips into errors")
             log.info("%s: cached (%d rows)", path.name, entries[path.name]["written"])
         else:
             jobs.append(FileJob(path, instructions[path.stem], shard, str(tokenizer_dir), settings_dict, strict))

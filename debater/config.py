@@ -116,7 +116,8 @@ def _checked(key: str, value, annotation: str, source: str):
         return None
     base = next(p for p in parts if p != "None")
     allowed = _PY_TYPES[base]
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+    wrong_items = base == "list[str]" and isinstance(value, list) and not all(isinstance(v, str) for v in value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) or wrong_items:
         raise ConfigError(f"{source}: key '{key}' should be {annotation}, got {value!r}")
     return float(value) if base == "float" else value
 
@@ -150,9 +151,11 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(raw, dict):

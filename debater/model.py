@@ -56,7 +56,8 @@ class DebaterEncoder(nn.Module):
         self.settings = settings
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            use_cache=False)
         return out.last_hidden_state
 
     def encode_queries(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,13 +108,15 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     return DebaterEncoder(model, settings)
 
 
-def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str) -> None:
+def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str,
+                 trust_remote_code: bool = False) -> None:
     """Write the PEFT adapter, the tokenizer (with step tokens) and the encoding settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # step-token rows travel as trainable-token values, so the resized embedding need not be saved whole
     encoder.backbone.save_pretrained(out_dir, save_embedding_layers=False)
     tokenizer.save_pretrained(out_dir)
-    meta = {"base_model": base_model, "pooling": pooling, "settings": encoder.settings.to_dict()}
+    meta = {"base_model": base_model, "pooling": pooling, "trust_remote_code": trust_remote_code,
+            "settings": encoder.settings.to_dict()}
     (out_dir / ENCODER_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -134,8 +137,9 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
 
         meta = json.loads((folder / ENCODER_FILE).read_text())
         settings = EncodingSettings(**meta["settings"])
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        backbone = load_backbone(meta["base_model"], dtype, attn_implementation)
+        remote = meta.get("trust_remote_code", False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+        backbone = load_backbone(meta["base_model"], dtype, attn_implementation, remote)
         if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()

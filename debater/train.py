@@ -130,7 +130,8 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps)
     monitor.close()
     if rank == 0:
-        save_encoder(engine.module, tokenizer, output_dir / "adapter", config.model_name_or_path, config.pooling_mode)
+        save_encoder(engine.module, tokenizer, output_dir / "adapter", config.model_name_or_path, config.pooling_mode,
+                     config.trust_remote_code)
         log.info("adapter exported to %s", output_dir / "adapter")
     distributed.barrier()
     return output_dir

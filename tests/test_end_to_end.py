@@ -1,0 +1,94 @@
+"""The whole spine on CPU: deepspeed launcher, 2 ranks, ZeRO-2, raw echo-data folder
+(preprocessed on first use), export, then MTEB evaluation of the exported adapter."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    data = work / "echo"
+    shutil.copytree(FIXTURES / "echo", data)
+    config = {
+        "model_name_or_path": str(tiny_model), "dataset_file_path": str(data), "output_dir": str(work / "run"),
+        "learning_rate": 1e-3, "warmup_steps": 1, "per_device_train_batch_size": 4, "max_seq_length": 32,
+        "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 2, "lora_r": 4, "cod_steps": 4,
+        "torch_dtype": "float32", "seed": 7, "do_train": True,
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29617", "--module", "debater", "train",
+               str(work / "config.json"), "--deepspeed", str(ROOT / "ds_configs" / "zero2_cpu.json")]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work / "run"
+
+
+def test_training_writes_everything(trained_run):
+    assert (trained_run / "adapter" / "debater.json").exists()
+    assert (trained_run / "adapter" / "adapter_model.safetensors").exists()
+    assert (trained_run / "checkpoints" / "latest").read_text().strip() == "step-3"
+    assert json.loads((trained_run / "batch_plan.json").read_text())["global_batch"] == 8
+    assert json.loads((trained_run / "train_config.json").read_text())["stop_after_n_steps"] == 3
+    manifest = json.loads((trained_run / "preprocessed" / "manifest.json").read_text())
+    assert manifest["files"][0]["written"] == 24
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_has_the_training_signals(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/total", "loss/contrastive", "loss/distillation", "train/learning_rate", "train/grad_norm",
+                "train/in_batch_top1", "speed/tokens_per_s", "data/padding_fraction"):
+        assert tag in tags
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3]
+    assert "train/best_step_for_positive" in events.Tags()["histograms"]
+
+
+def test_exported_adapter_changes_embeddings_and_evaluates(trained_run, tiny_model, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "debater", "eval", "--model", str(tiny_model), "--model", str(trained_run),
+         "--tasks", str(FIXTURES / "beir"), "--out", str(tmp_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    base, trained = results[str(tiny_model)], results[str(trained_run)]
+    for entry in (base, trained):
+        scores = entry["scores"]["fixtures-beir"]
+        assert 0.0 <= scores["ndcg_at_10"] <= 1.0 and scores["recall_at_100"] == 1.0
+    assert "| nDCG@10 |" in (tmp_path / "results.md").read_text()
+
+
+def test_exported_adapter_loads_trained_weights(trained_run, tiny_model):
+    import torch
+    from transformers import AutoModel
+
+    from debater.model import load_encoder
+
+    encoder, tokenizer, pooling = load_encoder(str(trained_run))
+    assert encoder.settings.cod_steps == 4 and encoder.settings.step_tokens == [f"<step_{i}>" for i in range(1, 5)]
+    assert pooling == "last_step"
+    base = AutoModel.from_pretrained(tiny_model).state_dict()
+    merged = encoder.backbone.state_dict()
+    name = "layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(base[name], merged[name]), "LoRA update missing from the exported adapter"
+    assert merged["embed_tokens.weight"].shape[0] == base["embed_tokens.weight"].shape[0] + 4
