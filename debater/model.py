@@ -97,7 +97,7 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     if added:
         grow_embeddings(backbone, tokenizer)
     if config.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_model_name_or_path:
         model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)
     else:

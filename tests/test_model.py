@@ -321,8 +321,9 @@ def test_save_and_load_round_trip(tiny_model, tmp_path, base_encoder):
     loaded_formatter = TextFormatter(loaded_tok, loaded.settings)
     assert loaded_formatter.documents(DOCS) == formatter.documents(DOCS)
     loaded_q, loaded_d = _embed(loaded, loaded_formatter, loaded_tok.pad_token_id)
-    torch.testing.assert_close(loaded_q, trained_q, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loaded_d, trained_d, rtol=1e-5, atol=1e-5)
+    # the loaded adapter is merged into the base weights: equal up to float rounding of W + BA
+    torch.testing.assert_close(loaded_q, trained_q, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded_d, trained_d, rtol=1e-4, atol=1e-4)
 
     # the comparison can fail: the untrained base encoder gives other vectors
     base, base_tok, _ = base_encoder
