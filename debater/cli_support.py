@@ -1,4 +1,4 @@
-"""One logging set-up for every command line entry point."""
+"""What every command line entry point shares: logging set-up and turning errors into one line."""
 from __future__ import annotations
 
 import logging
@@ -21,3 +21,17 @@ def setup_logging(verbose: bool = False) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
+
+
+def run_command(parser, argv: list[str] | None, logger: logging.Logger) -> int:
+    """Parse, set up logging, run ``args.func``; a user error is one log line and exit code 2."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        logger.error("%s", err)
+        return 2
