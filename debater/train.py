@@ -35,6 +35,9 @@ class TrainingError(RuntimeError):
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
+    """Linear warm-up, then decay over ``total_steps`` (the planned epoch, as the released code:
+    ``stop_after_n_steps`` cuts the run short without compressing the schedule, so a stopped
+    and resumed run follows the same learning rates as an uninterrupted one)."""
     warmup = min(config.warmup_steps, total_steps)
 
     def factor(step: int) -> float:
@@ -107,7 +110,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     global_batch = config.per_device_train_batch_size * world
     plan = data.plan(global_batch, config.seed, NEGATIVES_PER_QUERY)
     total_steps = min(len(plan), config.stop_after_n_steps or len(plan))
-    if total_steps == 0:
+    if len(plan) == 0:
         raise TrainingError(f"no full global batch of {global_batch} rows in {data.folder}: lower the batch size")
     if rank == 0:
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -119,7 +122,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
              rank, world, sum(p.numel() for p in trainable), len(plan), total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=encoder, model_parameters=trainable, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, total_steps)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, len(plan))))
     ckpt_dir = output_dir / "checkpoints"
     step, next_batch = 0, 0
     if config.resume_from_checkpoint:

@@ -54,3 +54,32 @@ def fixture_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), fixture_texts())
+
+
+def training_env() -> dict:
+    """Environment for launched ranks: CPU accelerator, one thread each, this venv first on PATH."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def launch_training(config: dict, config_path: Path, port: int, nproc: int = 2):
+    """Write ``config`` and train it with the deepspeed launcher on ``nproc`` CPU ranks."""
+    import subprocess
+
+    config_path.write_text(json.dumps(config))
+    command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "--module", "debater", "train",
+               str(config_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2_cpu.json")]
+    return subprocess.run(command, cwd=ROOT, env=training_env(), capture_output=True, text=True, timeout=600)
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    """step -> value of a scalar across every event file under ``folder`` (later files win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events_file in sorted(folder.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
+        values.update({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
+    return values

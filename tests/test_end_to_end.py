@@ -10,16 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_training, training_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +27,7 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
         "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 2, "lora_r": 4, "cod_steps": 4,
         "torch_dtype": "float32", "seed": 7, "do_train": True,
     }
-    (work / "config.json").write_text(json.dumps(config))
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29617", "--module", "debater", "train",
-               str(work / "config.json"), "--deepspeed", str(ROOT / "ds_configs" / "zero2_cpu.json")]
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    done = launch_training(config, work / "config.json", port=29617)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return work / "run"
 
@@ -68,7 +59,7 @@ def test_exported_adapter_changes_embeddings_and_evaluates(trained_run, tiny_mod
     done = subprocess.run(
         [sys.executable, "-m", "debater", "eval", "--model", str(tiny_model), "--model", str(trained_run),
          "--tasks", str(FIXTURES / "beir"), "--out", str(tmp_path)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=training_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     base, trained = results[str(tiny_model)], results[str(trained_run)]
