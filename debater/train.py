@@ -6,6 +6,7 @@ gradient, and computes the loss of its own queries against all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -76,7 +77,7 @@ def open_training_data(config: TrainConfig, settings, tokenizer) -> Preprocessed
     if not (source / MANIFEST_NAME).exists():
         folder = Path(config.output_dir) / "preprocessed"
         if distributed.rank() == 0:
-            preprocess(source, folder, config.model_name_or_path, settings.__class__(**settings.to_dict()))
+            preprocess(source, folder, config.model_name_or_path, dataclasses.replace(settings))
         distributed.barrier()
     data = PreprocessedData(folder)
     if data.manifest["settings"] != settings.to_dict():
