@@ -29,6 +29,7 @@ from debater.monitor import Monitor
 
 log = logging.getLogger(__name__)
 NEGATIVES_PER_QUERY = 1
+LOGGED_MEANS = ("loss/total", "loss/contrastive", "loss/distillation", "train/in_batch_top1")
 
 
 class TrainingError(RuntimeError):
@@ -157,21 +158,23 @@ def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch
         parts = debater_loss(queries, candidates, labels, config.loss_variant, config.scale,
                              config.cod_loss_weight, config.sd_loss_weight)
         engine.backward(parts.total)
-        loss = distributed.mean_over_ranks(parts.total)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}: stopping; the last good "
+        real = (batch["query_mask"].sum() + batch["doc_mask"].sum()).float()
+        slots = real.new_tensor(batch["query_mask"].numel() + batch["doc_mask"].numel())
+        # one all-reduce per step for everything logged: loss parts, top-1, real and padded token counts
+        stats = distributed.mean_over_ranks(torch.stack(
+            [parts.total.detach(), parts.contrastive.detach(), parts.distillation.detach(), parts.accuracy,
+             real, slots])).tolist()
+        if not math.isfinite(stats[0]):
+            raise TrainingError(f"non-finite loss ({stats[0]}) at step {step + 1}: stopping; the last good "
                                 f"checkpoint stays 'latest' in {ckpt_dir}")
         engine.step()
         step, next_batch = step + 1, next_batch + 1
         bar.update(1)
-        for name, value in (("loss/total", loss), ("loss/contrastive", parts.contrastive),
-                            ("loss/distillation", parts.distillation), ("train/in_batch_top1", parts.accuracy)):
-            sums[name] = sums.get(name, 0.0) + float(distributed.mean_over_ranks(value))
+        for name, value in zip(LOGGED_MEANS, stats):
+            sums[name] = sums.get(name, 0.0) + value
         best_views.append(distributed.gather_values(parts.best_view))
-        real = batch["query_mask"].sum() + batch["doc_mask"].sum()
-        slots = batch["query_mask"].numel() + batch["doc_mask"].numel()
-        window["tokens"] += float(real) * world
-        window["slots"] += float(slots) * world
+        window["tokens"] += stats[4] * world
+        window["slots"] += stats[5] * world
         window["samples"] += local * world
         if step % config.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window["start"]
