@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from data_pipeline.pieces import Piece
+
 log = logging.getLogger(__name__)
 MAX_LOGGED_SKIPS = 5
 
@@ -36,6 +38,11 @@ class ReadCounts:
     read: int = 0
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
+
+    def add(self, other: "ReadCounts") -> None:
+        self.read += other.read
+        self.written += other.written
+        self.skipped.update(other.skipped)
 
     def as_dict(self) -> dict:
         return {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
@@ -82,28 +89,38 @@ def parse_line(text: str, line: int) -> Row | Skip:
     return Row(line, values["query"], values["positive"], negatives)
 
 
-def read_rows(path: Path, counts: ReadCounts, strict: bool = False) -> Iterator[Row]:
-    """Yield valid rows of ``path``; update ``counts`` for every line read.
+def _lines(path: Path, piece: Piece | None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the whole file or of one piece of it."""
+    with open(path, "rb") as handle:
+        if piece is None:
+            yield from enumerate(handle, start=1)
+            return
+        handle.seek(piece.start)
+        for index in range(piece.lines):
+            yield piece.first_line + index, handle.readline()
+
+
+def read_rows(path: Path, counts: ReadCounts, strict: bool = False, piece: Piece | None = None) -> Iterator[Row]:
+    """Yield valid rows of ``path`` (or of one piece of it); update ``counts`` for every line read.
 
     Blank lines are not rows and are not counted. With ``strict`` the first
     skip raises ``ValueError`` naming file:line.
     """
     logged = 0
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            counts.read += 1
-            try:
-                result = parse_line(raw.decode("utf-8"), line_no)
-            except UnicodeDecodeError:
-                result = Skip(line_no, "not_utf8")
-            if isinstance(result, Row):
-                yield result
-                continue
-            counts.skipped[result.reason] += 1
-            if strict:
-                raise ValueError(f"{path}:{line_no}: bad row ({result.reason}); --strict turns skips into errors")
-            if logged < MAX_LOGGED_SKIPS:
-                log.warning("skipping %s:%d (%s)", path, line_no, result.reason)
-                logged += 1
+    for line_no, raw in _lines(path, piece):
+        if not raw.strip():
+            continue
+        counts.read += 1
+        try:
+            result = parse_line(raw.decode("utf-8"), line_no)
+        except UnicodeDecodeError:
+            result = Skip(line_no, "not_utf8")
+        if isinstance(result, Row):
+            yield result
+            continue
+        counts.skipped[result.reason] += 1
+        if strict:
+            raise ValueError(f"{path}:{line_no}: bad row ({result.reason}); --strict turns skips into errors")
+        if logged < MAX_LOGGED_SKIPS:
+            log.warning("skipping %s:%d (%s)", path, line_no, result.reason)
+            logged += 1

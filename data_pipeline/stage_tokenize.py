@@ -3,6 +3,8 @@
 One shard per input file, named by a key over (file name, size, mtime,
 encoding settings, tokenizer fingerprint, instructions). A re-run with the
 same inputs does no work; changing one file re-tokenizes that file only.
+Files are cut into line-aligned pieces that worker processes (one per core)
+tokenize in parallel; each file's parts are then joined into its shard.
 Shards and the manifest are written to a temporary name and renamed, so an
 interrupted run never leaves a file that a later run trusts.
 """
@@ -12,23 +14,29 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 from tqdm import tqdm
 
+from data_pipeline.pieces import Piece, split_lines
 from data_pipeline.reader import ReadCounts, Row, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
 from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-CHUNK_ROWS = 2048
+CHUNK_ROWS = 2048  # rows per Arrow record batch
+PIECES_PER_WORKER = 4  # enough pieces to keep every worker busy to the end
+MIN_PIECE_BYTES, MAX_PIECE_BYTES = 1 << 18, 1 << 24  # not too small to pay off, not too big to balance
+PARTS_PREFIX = ".parts-"
 SHARD_SCHEMA = pa.schema([
     ("line", pa.int64()),
     ("query", pa.list_(pa.int32())),
@@ -42,13 +50,23 @@ class PreprocessError(RuntimeError):
 
 
 @dataclass
-class FileJob:
+class PieceJob:
+    """Tokenize one piece of one input file into a part shard."""
+
     path: Path
+    piece: Piece
     instructions: list[str]
-    shard: Path
-    tokenizer_dir: str
-    settings: dict
+    part: Path
     strict: bool
+
+
+@dataclass
+class FileWork:
+    """An input file whose shard must be (re)built from its pieces' parts."""
+
+    path: Path
+    shard: Path
+    jobs: list[PieceJob]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -99,35 +117,111 @@ def _tokenize_chunk(formatter: TextFormatter, rows: list[Row], instructions: lis
         schema=SHARD_SCHEMA)
 
 
-def tokenize_file(job: FileJob, progress_position: int = 0) -> dict:
-    """Tokenize one jsonl file into ``job.shard``; return its manifest entry."""
+_formatter: TextFormatter | None = None  # one per worker process
+
+
+def start_worker(tokenizer_dir: str, settings: dict, parallel_tokenizer: bool) -> None:
+    """Load the saved tokenizer once per worker; with one worker per core, one thread each."""
+    global _formatter
+    if not parallel_tokenizer:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    formatter = TextFormatter(tokenizer, EncodingSettings(**job.settings))
+    _formatter = TextFormatter(AutoTokenizer.from_pretrained(tokenizer_dir), EncodingSettings(**settings))
+
+
+def tokenize_piece(job: PieceJob) -> ReadCounts:
+    """Stream one piece's rows into ``job.part`` in record batches of CHUNK_ROWS rows."""
     counts = ReadCounts()
-    bar = tqdm(desc=job.path.name, unit=" rows", position=progress_position, leave=False, mininterval=1.0)
 
     def write(tmp: Path) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, SHARD_SCHEMA) as writer:
             chunk: list[Row] = []
-            for row in read_rows(job.path, counts, strict=job.strict):
+            for row in read_rows(job.path, counts, strict=job.strict, piece=job.piece):
                 chunk.append(row)
                 if len(chunk) == CHUNK_ROWS:
-                    writer.write_batch(_tokenize_chunk(formatter, chunk, job.instructions))
+                    writer.write_batch(_tokenize_chunk(_formatter, chunk, job.instructions))
                     counts.written += len(chunk)
-                    bar.update(len(chunk))
                     chunk = []
             if chunk:
-                writer.write_batch(_tokenize_chunk(formatter, chunk, job.instructions))
+                writer.write_batch(_tokenize_chunk(_formatter, chunk, job.instructions))
                 counts.written += len(chunk)
-                bar.update(len(chunk))
 
-    write_atomic(job.shard, write)
-    bar.close()
-    entry = {"file": job.path.name, "shard": job.shard.name, **counts.as_dict()}
-    write_atomic(job.shard.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(entry)))
+    write_atomic(job.part, write)
+    return counts
+
+
+def _assemble(parts: list[Path], shard: Path) -> None:
+    """Concatenate the parts' record batches, in piece order, into the file's one shard."""
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, SHARD_SCHEMA) as writer:
+            for part in parts:
+                with pa.memory_map(str(part), "r") as source:
+                    reader = ipc.open_file(source)
+                    for index in range(reader.num_record_batches):
+                        writer.write_batch(reader.get_batch(index))
+
+    write_atomic(shard, write)
+
+
+def _tokenized(jobs: list[PieceJob], tokenizer_dir: str, settings: dict,
+               workers: int) -> Iterator[tuple[int, ReadCounts]]:
+    """Tokenize every piece, over worker processes, yielding (job index, counts) as each finishes."""
+    with tqdm(total=sum(j.piece.lines for j in jobs), desc="tokenizing", unit=" rows", unit_scale=True,
+              mininterval=1.0) as bar:
+        if workers == 1:
+            start_worker(tokenizer_dir, settings, parallel_tokenizer=True)
+            for index, job in enumerate(jobs):
+                counts = tokenize_piece(job)
+                bar.update(job.piece.lines)
+                yield index, counts
+            return
+        pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(tokenizer_dir, settings, False))
+        try:
+            futures = {pool.submit(tokenize_piece, job): index for index, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                index = futures[future]
+                bar.update(jobs[index].piece.lines)
+                yield index, future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def _build_shards(works: list[FileWork], tokenizer_dir: str, settings: dict, workers: int) -> list[dict]:
+    """Tokenize all pieces; each file's shard is assembled as soon as its last piece is done."""
+    jobs = [job for work in works for job in work.jobs]
+    owner = [w for w, work in enumerate(works) for _ in work.jobs]
+    counts: list[ReadCounts | None] = [None] * len(jobs)
+    first = [sum(len(work.jobs) for work in works[:w]) for w in range(len(works))]
+    remaining = [len(work.jobs) for work in works]
+    entries: list[dict | None] = [None] * len(works)
+    for w, work in enumerate(works):
+        if not work.jobs:  # an empty input file still gets its (empty) shard and counts
+            entries[w] = _finish_file(work, [])
+    workers = max(1, min(workers, len(jobs)))
+    log.info("tokenizing %d file(s), %d piece(s), with %d worker(s)", len(works), len(jobs), workers)
+    for index, piece_counts in _tokenized(jobs, tokenizer_dir, settings, workers):
+        counts[index] = piece_counts
+        w = owner[index]
+        remaining[w] -= 1
+        if remaining[w] == 0:
+            entries[w] = _finish_file(works[w], counts[first[w]:first[w] + len(works[w].jobs)])
+    return entries
+
+
+def _finish_file(work: FileWork, counts: list[ReadCounts]) -> dict:
+    """Assemble the file's shard from its parts and write its sidecar; return its manifest entry."""
+    total = ReadCounts()
+    for piece_counts in counts:
+        total.add(piece_counts)
+    _assemble([job.part for job in work.jobs], work.shard)
+    entry = {"file": work.path.name, "shard": work.shard.name, **total.as_dict()}
+    write_atomic(work.shard.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(entry)))
     return entry
+
+
+def _piece_bytes(total_bytes: int, workers: int) -> int:
+    return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, total_bytes // (workers * PIECES_PER_WORKER) + 1))
 
 
 def _shard_key(path: Path, settings: dict, fingerprint: str, instructions: list[str]) -> str:
@@ -167,7 +261,8 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
     settings_dict = settings.to_dict()
 
     entries: dict[str, dict] = {}
-    jobs: list[FileJob] = []
+    works: list[FileWork] = []
+    parts_dir = out_dir / "shards" / f"{PARTS_PREFIX}{os.getpid()}"
     for path in files:
         key = _shard_key(path, settings_dict, fingerprint, instructions[path.stem])
         shard = out_dir / "shards" / f"{path.stem}-{key}.arrow"
@@ -178,18 +273,20 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
                 raise ValueError(f"{path}: rows were skipped ({entries[path.name]['skipped']}); "
                                  "--strict turns skips into errors")
             log.info("%s: cached (%d rows)", path.name, entries[path.name]["written"])
-        else:
-            jobs.append(FileJob(path, instructions[path.stem], shard, str(tokenizer_dir), settings_dict, strict))
-    if jobs:
-        workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        log.info("tokenizing %d file(s) with %d worker(s)", len(jobs), workers)
-        if workers == 1:
-            results = [tokenize_file(job) for job in jobs]
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(tokenize_file, jobs, range(len(jobs))))
-        for entry in results:
-            entries[entry["file"]] = entry
+            continue
+        works.append(FileWork(path, shard, []))
+    workers = workers or os.cpu_count() or 1
+    piece_bytes = _piece_bytes(sum(work.path.stat().st_size for work in works), workers)
+    for work in works:
+        work.jobs = [PieceJob(work.path, piece, instructions[work.path.stem],
+                              parts_dir / f"{work.shard.stem}-{index:05d}.arrow", strict)
+                     for index, piece in enumerate(split_lines(work.path, piece_bytes))]
+    if works:
+        try:
+            for entry in _build_shards(works, str(tokenizer_dir), settings_dict, workers):
+                entries[entry["file"]] = entry
+        finally:
+            shutil.rmtree(parts_dir, ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": str(data_dir.resolve()),
@@ -207,6 +304,9 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
 
 
 def _remove_stale_shards(shard_dir: Path, keep: set[str]) -> None:
+    """Drop shards no input maps to any more, and parts left by a run that was killed."""
+    for folder in shard_dir.glob(f"{PARTS_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
     for path in shard_dir.glob("*.arrow"):
         if path.name not in keep:
             path.unlink()

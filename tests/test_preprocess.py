@@ -81,17 +81,18 @@ def two_files(echo_dir) -> Path:
 
 
 class Recorder:
-    """Wraps tokenize_file to record which files were tokenized."""
+    """Wraps tokenize_piece to record which files were tokenized (in-process runs, workers=1)."""
 
     def __init__(self, monkeypatch):
         self.names: list[str] = []
-        original = stage_tokenize.tokenize_file
+        original = stage_tokenize.tokenize_piece
 
         def wrapped(job, *args, **kwargs):
-            self.names.append(job.path.name)
+            if job.path.name not in self.names:
+                self.names.append(job.path.name)
             return original(job, *args, **kwargs)
 
-        monkeypatch.setattr(stage_tokenize, "tokenize_file", wrapped)
+        monkeypatch.setattr(stage_tokenize, "tokenize_piece", wrapped)
 
 
 # --------------------------------------------------------------------------- manifest accounting
@@ -197,6 +198,27 @@ def test_ablation_documents_end_with_eos(echo_dir, tiny_model, tmp_path, doc_mod
     assert len(nq["positive"]) == 12
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_formatter_backend_ids_equal_the_tokenizer_call(tiny_model, side):
+    """The direct Rust-backend path gives tokenizer(...)'s ids, and leaves later tokenizer calls unchanged."""
+    from transformers import AutoTokenizer
+
+    from debater.prompts import TextFormatter, resolve_step_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.truncation_side = side
+    lines = (FIXTURES / "echo" / "tiny_retrieval.jsonl").read_text().splitlines()
+    texts = [json.loads(x)["positive"] for x in lines if x.strip()] + ["", "unknownword", "This package"]
+    encoding = settings()
+    resolve_step_tokens(tokenizer, encoding)
+    formatter = TextFormatter(tokenizer, encoding)
+    untruncated = tokenizer(texts).input_ids
+    for budget in (1, 3, 8, 100):
+        assert formatter._encode(texts, budget) == tokenizer(texts, truncation=True, max_length=budget).input_ids
+    assert tokenizer(texts).input_ids == untruncated
+    assert max(len(ids) for ids in untruncated) > 8  # truncation was exercised
+
+
 def test_allnli_and_quora_alternate_instructions_by_line(tmp_path, tiny_model):
     data = tmp_path / "data"
     data.mkdir()
@@ -241,9 +263,9 @@ def test_second_run_does_no_work(two_files, tiny_model, tmp_path, monkeypatch):
     tokenizer_before = {p.name: p.stat().st_mtime_ns for p in (out / "tokenizer").iterdir()}
 
     def fail(*args, **kwargs):
-        raise AssertionError("tokenize_file called on a cached run")
+        raise AssertionError("tokenize_piece called on a cached run")
 
-    monkeypatch.setattr(stage_tokenize, "tokenize_file", fail)
+    monkeypatch.setattr(stage_tokenize, "tokenize_piece", fail)
     second = run(two_files, out, tiny_model)
     assert second == first
     assert shard_state(out) == before
@@ -302,6 +324,29 @@ def test_parallel_workers_give_the_same_shards(two_files, tiny_model, tmp_path):
     assert serial["files"] == parallel["files"]
     for entry in serial["files"]:
         assert read_shard(tmp_path / "serial", entry) == read_shard(tmp_path / "parallel", entry)
+
+
+def test_one_file_split_into_pieces_over_workers_gives_the_same_shard(two_files, tiny_model, tmp_path,
+                                                                     monkeypatch):
+    """Parallelism inside one file: pieces of ~300 bytes over 2 processes join into the serial shard."""
+    whole = run(two_files, tmp_path / "whole", tiny_model, workers=1)
+    monkeypatch.setattr(stage_tokenize, "MIN_PIECE_BYTES", 1)
+    monkeypatch.setattr(stage_tokenize, "MAX_PIECE_BYTES", 300)
+    pieces = run(two_files, tmp_path / "pieces", tiny_model, workers=2)
+    assert pieces["files"] == whole["files"]
+    for entry in whole["files"]:
+        assert read_shard(tmp_path / "pieces", entry) == read_shard(tmp_path / "whole", entry)
+    assert [p.name for p in (tmp_path / "pieces" / "shards").iterdir() if p.name.startswith(".parts")] == []
+
+
+def test_strict_over_workers_names_file_and_line(echo_dir, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage_tokenize, "MIN_PIECE_BYTES", 1)
+    monkeypatch.setattr(stage_tokenize, "MAX_PIECE_BYTES", 100)
+    bad = echo_dir / "nq.jsonl"
+    bad.write_text("\n".join(NQ_GOOD[:3] + ["{oops"]) + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:4: bad row \\(malformed_json\\)"):
+        run(echo_dir, tmp_path / "out", tiny_model, workers=2, strict=True)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
 # --------------------------------------------------------------------------- atomicity

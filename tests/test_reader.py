@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import reader
+from data_pipeline.pieces import split_lines
 from data_pipeline.reader import ReadCounts, Row, Skip, parse_line, read_rows
 from data_pipeline.registry import (
     DATASETS_FILE_NAME,
@@ -127,6 +128,41 @@ def test_read_rows_counts_every_skip_and_keeps_line_numbers(tmp_path):
     }
     assert counts.read == len(rows) + sum(counts.skipped.values())
     assert counts.written == 0  # the caller counts what it writes
+
+
+@pytest.mark.parametrize("bytes_per_piece", [1, 40, 100, 200, 10_000])
+def test_pieces_cover_the_file_and_read_the_same_rows_and_skips(tmp_path, bytes_per_piece):
+    """Reading piece by piece gives the whole-file rows, line numbers and skip counts."""
+    path = write_lines(tmp_path / "data.jsonl", [
+        line(query="a"), "{broken", "", line(query="b"), line(positive=""), "  ", line(query="c"),
+        b'{"query": "caf\xe9", "positive": "p", "negative": "n"}', line(query="d"), line(query="e"), "[1]",
+    ])
+    pieces = split_lines(path, bytes_per_piece)
+    assert pieces[0].start == 0 and pieces[-1].stop == path.stat().st_size
+    assert all(a.stop == b.start and a.first_line + a.lines == b.first_line for a, b in zip(pieces, pieces[1:]))
+    assert sum(p.lines for p in pieces) == 11
+    if bytes_per_piece == 1:
+        assert [p.lines for p in pieces] == [1] * 11
+    if bytes_per_piece == 10_000:
+        assert len(pieces) == 1
+    assert all(p.stop - p.start < bytes_per_piece + 60 for p in pieces)  # a piece ends at the first line end past the target
+    whole, parts = ReadCounts(), ReadCounts()
+    expected = [(r.line, r.query) for r in read_rows(path, whole)]
+    got = []
+    for piece in pieces:
+        counts = ReadCounts()
+        got += [(r.line, r.query) for r in read_rows(path, counts, piece=piece)]
+        parts.add(counts)
+    assert got == expected == [(1, "a"), (4, "b"), (7, "c"), (9, "d"), (10, "e")]
+    assert parts.as_dict() == whole.as_dict()
+
+
+def test_a_file_without_a_final_newline_is_read_whole_by_pieces(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(line(query="a") + "\n" + line(query="b"))
+    pieces = split_lines(path, 1)
+    assert [p.lines for p in pieces] == [1, 1]
+    assert [r.query for p in pieces for r in read_rows(path, ReadCounts(), piece=p)] == ["a", "b"]
 
 
 def test_read_rows_accepts_utf8_text_and_crlf_line_endings(tmp_path):
