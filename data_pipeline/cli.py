@@ -32,10 +32,11 @@ def cmd_preprocess(args) -> int:
     from data_pipeline.stage_tokenize import preprocess
 
     manifest = preprocess(args.data, args.out, args.model, _settings(args), strict=args.strict,
-                          workers=args.workers)
+                          workers=args.workers, mine_k=args.mine_bm25)
     for entry in manifest["files"]:
-        log.info("%s: read %d, written %d, skipped %s", entry["file"], entry["read"], entry["written"],
-                 entry["skipped"] or "none")
+        log.info("%s: read %d, written %d, skipped %s%s", entry["file"], entry["read"], entry["written"],
+                 entry["skipped"] or "none",
+                 f", mined {entry['mined']['added']} BM25 negatives" if "mined" in entry else "")
     log.info("manifest: %s", args.out / "manifest.json")
     return 0
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--max-seq-length", dest="doc_max_length", type=int)
     pre.add_argument("--query-max-length", dest="query_max_length", type=int)
     pre.add_argument("--workers", type=int, help="parallel processes (default: one per core)")
+    pre.add_argument("--mine-bm25", dest="mine_bm25", type=int, default=0, metavar="K",
+                     help="add K BM25 hard negatives per query, mined among the same file's positives")
     pre.add_argument("--strict", action="store_true", help="any bad row is an error instead of a counted skip")
     pre.set_defaults(func=cmd_preprocess)
     deb = sub.add_parser("build-debian", help="build the embedded Debian retrieval data (train + BEIR test)")

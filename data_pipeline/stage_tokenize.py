@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from tqdm import tqdm
 
+from data_pipeline.mine import MineCounts, mine_bm25, mined_for_lines
 from data_pipeline.pieces import Piece, split_lines
 from data_pipeline.reader import ReadCounts, Row, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
@@ -58,6 +59,7 @@ class PieceJob:
     instructions: list[str]
     part: Path
     strict: bool
+    mined: Path | None = None  # this file's mined negatives, when mining is on
 
 
 @dataclass
@@ -67,6 +69,7 @@ class FileWork:
     path: Path
     shard: Path
     jobs: list[PieceJob]
+    mined: MineCounts | None = None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -133,11 +136,14 @@ def start_worker(tokenizer_dir: str, settings: dict, parallel_tokenizer: bool) -
 def tokenize_piece(job: PieceJob) -> ReadCounts:
     """Stream one piece's rows into ``job.part`` in record batches of CHUNK_ROWS rows."""
     counts = ReadCounts()
+    last_line = job.piece.first_line + job.piece.lines - 1
+    mined = mined_for_lines(job.mined, job.piece.first_line, last_line) if job.mined else {}
 
     def write(tmp: Path) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, SHARD_SCHEMA) as writer:
             chunk: list[Row] = []
             for row in read_rows(job.path, counts, strict=job.strict, piece=job.piece):
+                row.negatives += mined.get(row.line, [])
                 chunk.append(row)
                 if len(chunk) == CHUNK_ROWS:
                     writer.write_batch(_tokenize_chunk(_formatter, chunk, job.instructions))
@@ -216,12 +222,26 @@ def _finish_file(work: FileWork, counts: list[ReadCounts]) -> dict:
         total.add(piece_counts)
     _assemble([job.part for job in work.jobs], work.shard)
     entry = {"file": work.path.name, "shard": work.shard.name, **total.as_dict()}
+    if work.mined:
+        entry["mined"] = work.mined.as_dict()
     write_atomic(work.shard.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(entry)))
     return entry
 
 
-def _piece_bytes(total_bytes: int, workers: int) -> int:
-    return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, total_bytes // (workers * PIECES_PER_WORKER) + 1))
+def _prepare_jobs(works: list[FileWork], instructions: dict[str, list[str]], parts_dir: Path, strict: bool,
+                  mine_k: int, workers: int) -> None:
+    """Mine negatives (when asked) and cut every file into pieces sized to keep all workers busy."""
+    total = sum(work.path.stat().st_size for work in works)
+    piece_bytes = max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, total // (workers * PIECES_PER_WORKER) + 1))
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for work in works:
+        mined = parts_dir / f"{work.shard.stem}.mined.arrow" if mine_k else None
+        if mined:
+            log.info("%s: mining %d BM25 negatives per query", work.path.name, mine_k)
+            work.mined = mine_bm25(work.path, mine_k, mined, threads=workers)
+        work.jobs = [PieceJob(work.path, piece, instructions[work.path.stem],
+                              parts_dir / f"{work.shard.stem}-{index:05d}.arrow", strict, mined)
+                     for index, piece in enumerate(split_lines(work.path, piece_bytes))]
 
 
 def _shard_key(path: Path, settings: dict, fingerprint: str, instructions: list[str]) -> str:
@@ -245,8 +265,11 @@ def input_files(data_dir: Path) -> list[Path]:
 
 def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSettings,
                strict: bool = False, workers: int | None = None,
-               datasets_file: Path | None = None) -> dict:
-    """Run stage 1 over every jsonl file of ``data_dir``; return the manifest."""
+               datasets_file: Path | None = None, mine_k: int = 0) -> dict:
+    """Run stage 1 over every jsonl file of ``data_dir``; return the manifest.
+
+    ``mine_k`` > 0 first adds that many BM25 hard negatives per query (see mine.py).
+    """
     files = input_files(data_dir)
     extra = load_extra_instructions(datasets_file or data_dir / DATASETS_FILE_NAME)
     instructions = {p.stem: instructions_for(p.stem, extra) for p in files}  # errors before any work
@@ -264,7 +287,7 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
     works: list[FileWork] = []
     parts_dir = out_dir / "shards" / f"{PARTS_PREFIX}{os.getpid()}"
     for path in files:
-        key = _shard_key(path, settings_dict, fingerprint, instructions[path.stem])
+        key = _shard_key(path, {**settings_dict, "mine_bm25": mine_k}, fingerprint, instructions[path.stem])
         shard = out_dir / "shards" / f"{path.stem}-{key}.arrow"
         sidecar = shard.with_suffix(".json")
         if shard.exists() and sidecar.exists():
@@ -276,13 +299,9 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
             continue
         works.append(FileWork(path, shard, []))
     workers = workers or os.cpu_count() or 1
-    piece_bytes = _piece_bytes(sum(work.path.stat().st_size for work in works), workers)
-    for work in works:
-        work.jobs = [PieceJob(work.path, piece, instructions[work.path.stem],
-                              parts_dir / f"{work.shard.stem}-{index:05d}.arrow", strict)
-                     for index, piece in enumerate(split_lines(work.path, piece_bytes))]
     if works:
         try:
+            _prepare_jobs(works, instructions, parts_dir, strict, mine_k, workers)
             for entry in _build_shards(works, str(tokenizer_dir), settings_dict, workers):
                 entries[entry["file"]] = entry
         finally:
@@ -293,6 +312,7 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
         "model": model,
         "tokenizer_fingerprint": fingerprint,
         "settings": settings_dict,
+        "mine_bm25": mine_k,
         "files": [entries[p.name] for p in files],
     }
     total_written = sum(e["written"] for e in manifest["files"])

@@ -566,3 +566,67 @@ def test_real_shards_feed_the_rank_loader(echo_dir, tiny_model, tmp_path, monkey
         docs = [rows(p, "doc") for p in parts]
         assert docs[0][:2] + docs[1][:2] == rows(full, "doc")[:4]  # positives
         assert docs[0][2:] + docs[1][2:] == rows(full, "doc")[4:]  # negatives
+
+
+# --------------------------------------------------------------------------- BM25 mining
+
+
+MINE_ROWS = [
+    row("fast web browser", "a fast web browser engine", "a font collection"),
+    row("web server daemon", "a small web server daemon", "a web browser engine for kids"),
+    row("chess game engine", "a chess game engine", "a game of cards"),
+    row("card game", "a game of cards", "a chess game engine"),
+    row("web browser engine", "a fast web browser engine", "a spell checker"),  # same positive as line 1
+    row("zzz", "qqq nothing shared", "xxx"),  # no lexical overlap with anything
+]
+
+
+def test_bm25_mining_never_returns_the_own_positive(tmp_path):
+    from data_pipeline.mine import mine_bm25, mined_for_lines
+
+    path = tmp_path / "mine_me.jsonl"
+    path.write_text("\n".join(MINE_ROWS) + "\n")
+    counts = mine_bm25(path, 2, tmp_path / "mined.arrow")
+    mined = mined_for_lines(tmp_path / "mined.arrow", 1, len(MINE_ROWS))
+    sources = [json.loads(r) for r in MINE_ROWS]
+    assert sorted(mined) == list(range(1, len(MINE_ROWS) + 1))
+    for line, source in enumerate(sources, start=1):
+        assert source["positive"] not in mined[line]
+        assert source["negative"] not in mined[line] and len(set(mined[line])) == len(mined[line])
+        assert all(text in {s["positive"] for s in sources} for text in mined[line])
+    assert mined[1][0] == "a small web server daemon"  # the best lexical match after the own positive
+    assert mined[6] == []
+    assert counts.as_dict() == {"method": "bm25", "k": 2, "queries": 6,
+                                "added": sum(len(v) for v in mined.values()),
+                                "short": sum(len(v) < 2 for v in mined.values()),
+                                "own_positive_excluded": counts.own_positive_excluded}
+    assert counts.own_positive_excluded >= 4 and counts.short >= 1
+    assert mined_for_lines(tmp_path / "mined.arrow", 2, 3) == {2: mined[2], 3: mined[3]}
+
+
+def test_preprocess_with_mining_appends_the_mined_negatives(tmp_path, tiny_model, monkeypatch):
+    from data_pipeline.mine import mine_bm25, mined_for_lines
+    from debater.prompts import TextFormatter
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "nq.jsonl").write_text("\n".join(MINE_ROWS) + "\n")
+    monkeypatch.setattr(stage_tokenize, "MIN_PIECE_BYTES", 1)
+    monkeypatch.setattr(stage_tokenize, "MAX_PIECE_BYTES", 150)  # pieces read their lines of the mined file
+    manifest = run(data, tmp_path / "out", tiny_model, mine_k=2, workers=2)
+    entry = entry_for(manifest, "nq.jsonl")
+    expected_counts = mine_bm25(data / "nq.jsonl", 2, tmp_path / "mined.arrow")
+    mined = mined_for_lines(tmp_path / "mined.arrow", 1, len(MINE_ROWS))
+    assert entry["mined"] == expected_counts.as_dict() and manifest["mine_bm25"] == 2
+    assert entry["read"] == entry["written"] == len(MINE_ROWS)
+    encoding = settings()
+    tokenizer = output_tokenizer(tmp_path / "out")
+    encoding.step_tokens = manifest["settings"]["step_tokens"]
+    formatter = TextFormatter(tokenizer, encoding)
+    for shard_row, source in zip(read_shard(tmp_path / "out", entry), MINE_ROWS):
+        line = shard_row["line"]
+        expected = formatter.documents([json.loads(source)["negative"], *mined[line]])
+        assert shard_row["negatives"] == expected
+    plain = run(data, tmp_path / "out", tiny_model)  # mining off: a different shard, one negative per row
+    assert "mined" not in entry_for(plain, "nq.jsonl")
+    assert all(len(r["negatives"]) == 1 for r in read_shard(tmp_path / "out", entry_for(plain, "nq.jsonl")))
