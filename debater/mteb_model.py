@@ -26,7 +26,10 @@ BEIR_INSTRUCTIONS = {
 
 
 def make_mteb_model(text_encoder: TextEncoder, name: str, instructions: dict[str, str]):
-    """An ``AbsEncoder`` whose queries get the task's instruction and documents the deliberation suffix."""
+    """An ``AbsEncoder`` whose queries get the task's instruction and documents the deliberation suffix.
+
+    ``text_encoder`` may be anything with ``pooling``, ``queries`` and ``documents`` as TextEncoder has.
+    """
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     from mteb.types import PromptType
@@ -52,6 +55,23 @@ def make_mteb_model(text_encoder: TextEncoder, name: str, instructions: dict[str
             return text_encoder.documents(texts).astype(np.float32)
 
     return DebaterMtebModel()
+
+
+def score_with_mteb(model, tasks, batch_size: int, metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Run mteb on ``tasks`` (no result cache); {task name: {metric: value}} of the test split."""
+    import mteb
+
+    try:
+        result = mteb.evaluate(model, tasks, cache=None, overwrite_strategy="always", co2_tracker=False,
+                               show_progress_bar=False, encode_kwargs={"batch_size": batch_size,
+                                                                       "show_progress_bar": False})
+    except OSError as err:
+        raise RuntimeError(f"mteb could not load a task's data (offline?): {err}") from None
+    scores = {}
+    for task_result in result.task_results:
+        row = next(s for s in task_result.scores["test"] if s["hf_subset"] == "default")
+        scores[task_result.task_name] = {m: float(row[m]) for m in metrics}
+    return scores
 
 
 def make_local_task(name: str, data: BeirData):

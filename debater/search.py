@@ -1,0 +1,99 @@
+"""``python -m debater search``: the top-k documents for queries, against embeddings made by ``encode``.
+
+An exact inner-product faiss index (the vectors are normalised, so this is
+cosine similarity) is built on first use and cached next to the embeddings as
+index.faiss; it is rebuilt when the embeddings are newer. A multi_view model's
+documents are indexed view by view and a document scores by its best view
+(max-sim, as in training and evaluation).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from debater.embeddings import META_FILE, load_embeddings
+
+log = logging.getLogger(__name__)
+INDEX_FILE = "index.faiss"
+
+
+class Index:
+    """The faiss index of one embeddings folder, with the document id of every indexed row."""
+
+    def __init__(self, folder: Path):
+        logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs which CPU build it tried
+        import faiss
+
+        ids, vectors, self.meta = load_embeddings(folder)
+        self.folder, self.ids = folder, ids
+        self.views = vectors.shape[1] if vectors.ndim == 3 else 1
+        dim = vectors.shape[-1]
+        path = folder / INDEX_FILE
+        if path.exists() and path.stat().st_mtime >= (folder / META_FILE).stat().st_mtime:
+            self.faiss = faiss.read_index(str(path))
+            if self.faiss.ntotal == len(ids) * self.views and self.faiss.d == dim:
+                log.info("loaded %s (%d vectors)", path, self.faiss.ntotal)
+                return
+        self.faiss = faiss.IndexFlatIP(dim)
+        self.faiss.add(np.ascontiguousarray(vectors.reshape(-1, dim), dtype=np.float32))
+        faiss.write_index(self.faiss, str(path))
+        log.info("built %s (%d vectors of dimension %d)", path, self.faiss.ntotal, dim)
+
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """Per query, up to ``top_k`` (document id, score) pairs, best first."""
+        if queries.ndim != 2 or queries.shape[1] != self.faiss.d:
+            raise ValueError(f"queries have dimension {queries.shape[-1]} but the index in {self.folder} has "
+                             f"{self.faiss.d}: search with the model that encoded it ({self.meta['model']})")
+        # a document has at most `views` rows, so the best top_k * views rows hold its top_k documents
+        scores, rows = self.faiss.search(np.ascontiguousarray(queries, dtype=np.float32),
+                                         min(top_k * self.views, self.faiss.ntotal))
+        results = []
+        for row_scores, row_ids in zip(scores, rows):
+            best: dict[str, float] = {}
+            for score, row in zip(row_scores, row_ids):
+                if row >= 0:
+                    best.setdefault(self.ids[row // self.views], float(score))  # first seen = its best view
+            results.append(list(best.items())[:top_k])
+        return results
+
+
+def run_search(model: str, index_folder: Path, query_ids: list[str], queries: list[str], instruction: str,
+               top_k: int = 10, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
+    """Encode ``queries`` with ``model`` and return one {query_id, query, hits: [{id, score}]} per query."""
+    from debater.encode import load_text_encoder
+
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}")
+    index = Index(index_folder)
+    if index.meta["model"] != model:
+        log.warning("%s was encoded with %s, the queries with %s: scores mean nothing unless they are the "
+                    "same model", index_folder, index.meta["model"], model)
+    text_encoder = load_text_encoder(model, batch_size, max_length)
+    hits = index.search(text_encoder.queries(queries, instruction), top_k)
+    return [{"query_id": qid, "query": text, "hits": [{"id": d, "score": s} for d, s in found]}
+            for qid, text, found in zip(query_ids, queries, hits)]
+
+
+def search_command(args) -> None:
+    """The CLI: queries from --queries (a file) or --query (texts); JSON lines to --out or stdout."""
+    from debater.beir import DEFAULT_INSTRUCTION, read_instruction, read_texts
+
+    if args.queries is not None:
+        query_ids, queries = read_texts(args.queries)
+        instruction = args.instruction or read_instruction(args.queries.parent)
+    else:
+        query_ids, queries = [str(n) for n in range(1, len(args.query) + 1)], args.query
+        instruction = args.instruction or DEFAULT_INSTRUCTION
+    log.info("query instruction: %r", instruction)
+    rows = run_search(args.model, args.index, query_ids, queries, instruction, args.top_k, args.batch_size,
+                      args.max_length)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    if args.out is None:
+        print(lines, end="")
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(lines)
+    print(args.out)
