@@ -34,8 +34,15 @@ def inference_devices() -> list[str]:
 
 
 def load_text_encoder(path: str, batch_size: int = 32, max_length: int | None = None,
-                      devices: list[str] | None = None, remember: bool = False) -> "TextEncoder":
-    """Load a model for inference: bf16 when the devices are GPUs, fp32 on the CPU."""
+                      devices: list[str] | None = None, remember: bool = False):
+    """Load a model for inference: bf16 when the devices are GPUs, fp32 on the CPU.
+
+    A sentence-transformers folder (a zero-shot reference such as MiniLM) is encoded its own way.
+    """
+    from debater.reference_encoder import MeanPoolTextEncoder, is_sentence_transformers_folder
+
+    if is_sentence_transformers_folder(path):
+        return MeanPoolTextEncoder(path, batch_size, max_length)
     devices = devices or inference_devices()
     dtype = "bfloat16" if devices[0].startswith("cuda") else "float32"
     try:
