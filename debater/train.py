@@ -29,6 +29,7 @@ from debater.monitor import Monitor
 
 log = logging.getLogger(__name__)
 NEGATIVES_PER_QUERY = 1
+WEIGHTS_BY_RANK = "weights_by_rank.json"
 LOGGED_MEANS = ("loss/total", "loss/contrastive", "loss/distillation", "train/in_batch_top1")
 
 
@@ -132,14 +133,32 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = RankLoader(data, plan, rank, world, pad_id, NEGATIVES_PER_QUERY)
     monitor = Monitor(output_dir, enabled=rank == 0)
-    _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps)
-    monitor.close()
+    try:
+        _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps)
+    finally:
+        monitor.close()  # a run that stops early keeps the curves that explain why
+    _check_ranks_agree(engine.module, output_dir, engine.device)
     if rank == 0:
         save_encoder(engine.module, tokenizer, output_dir / "adapter", config.model_name_or_path, config.pooling_mode,
                      config.trust_remote_code)
         log.info("adapter exported to %s", output_dir / "adapter")
     distributed.barrier()
     return output_dir
+
+
+def _check_ranks_agree(module: torch.nn.Module, output_dir: Path, device: torch.device) -> None:
+    """Every rank must end with bit-identical trainable weights (ZeRO-2 gathers them after each step).
+
+    Rank 0 records each rank's digest in ``weights_by_rank.json``; a mismatch stops the run.
+    """
+    mine = checkpoint.weights_digest({n: p for n, p in module.named_parameters() if p.requires_grad})
+    words = torch.frombuffer(bytearray.fromhex(mine), dtype=torch.int64).to(device)
+    digests = [row.cpu().numpy().tobytes().hex() for row in distributed.gather_values(words).view(-1, words.numel())]
+    if distributed.rank() == 0:
+        (output_dir / WEIGHTS_BY_RANK).write_text(json.dumps({"sha256": digests}, indent=2))
+    if len(set(digests)) > 1:
+        raise TrainingError(f"ranks ended with different weights (sha256 per rank in {output_dir / WEIGHTS_BY_RANK}): "
+                            "check that every node runs the same code and library versions")
 
 
 def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps) -> None:

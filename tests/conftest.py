@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,14 +69,36 @@ def training_env() -> dict:
     return env
 
 
-def launch_training(config: dict, config_path: Path, port: int, nproc: int = 2):
-    """Write ``config`` and train it with the deepspeed launcher on ``nproc`` CPU ranks."""
-    import subprocess
+def free_port() -> int:
+    """A TCP port free right now, for one launch's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
+
+def run_launcher(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; past ``timeout`` the whole group (ranks included) is killed
+    and ``subprocess.TimeoutExpired`` raised, so a hung run fails the test instead of leaking processes."""
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def launch_training(config: dict, config_path: Path, port: int, nproc: int = 2, script: Path | None = None,
+                    env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Write ``config`` and train it with the deepspeed launcher on ``nproc`` CPU ranks
+    (``script`` in place of ``-m debater``, ``env`` added to the ranks' environment)."""
     config_path.write_text(json.dumps(config))
-    command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "--module", "debater", "train",
+    entry = ["--module", "debater"] if script is None else [str(script)]
+    command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), *entry, "train",
                str(config_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2_cpu.json")]
-    return subprocess.run(command, cwd=ROOT, env=training_env(), capture_output=True, text=True, timeout=600)
+    return run_launcher(command, {**training_env(), **(env or {})}, timeout)
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
@@ -83,3 +110,34 @@ def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
         events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
         values.update({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
     return values
+
+
+@dataclass
+class InterruptedRun:
+    """A 4-step run (a checkpoint every step, keep 2) whose rank 1 was killed while writing checkpoint
+    step-3, then resumed from 'latest' to the end: shared by the fault and export tests."""
+
+    output_dir: Path
+    crashed: subprocess.CompletedProcess
+    latest_after_crash: str | None
+    tags_after_crash: list[str]
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tiny_model, tmp_path_factory) -> InterruptedRun:
+    work = tmp_path_factory.mktemp("interrupted")
+    shutil.copytree(FIXTURES / "echo", work / "echo")
+    run = work / "run"
+    config = {"model_name_or_path": str(tiny_model), "dataset_file_path": str(work / "echo"), "output_dir": str(run),
+              "learning_rate": 5e-3, "warmup_steps": 1, "per_device_train_batch_size": 2, "max_seq_length": 32,
+              "stop_after_n_steps": 4, "logging_steps": 1, "save_steps": 1, "save_total_limit": 2, "lora_r": 4,
+              "cod_steps": 4, "torch_dtype": "float32", "seed": 3}
+    # a hang would last gloo's 30-minute timeout; a healthy launch ends within a minute or two
+    crashed = launch_training(config, work / "config.json", free_port(), script=ROOT / "tests" / "rank_crash.py",
+                              env={"CRASH_RANK": "1", "CRASH_TAG": "step-3"}, timeout=480)
+    pointer = run / "checkpoints" / "latest"
+    latest = pointer.read_text() if pointer.exists() else None
+    tags = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    resumed = launch_training({**config, "resume_from_checkpoint": "latest"}, work / "config.json", free_port())
+    return InterruptedRun(run, crashed, latest, tags, resumed)
