@@ -141,3 +141,18 @@ def interrupted_run(tiny_model, tmp_path_factory) -> InterruptedRun:
     tags = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     resumed = launch_training({**config, "resume_from_checkpoint": "latest"}, work / "config.json", free_port())
     return InterruptedRun(run, crashed, latest, tags, resumed)
+
+
+def reserved_tokenizer(reserved_count: int, words: tuple[str, ...] = ("hello", "world")):
+    """A word-level tokenizer that, like MiniCPM's, owns <reserved_0>.. as single (special) tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reserved = [f"<reserved_{i}>" for i in range(reserved_count)]
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *reserved, *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    core.add_special_tokens(reserved)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                   unk_token="<unk>"), vocab

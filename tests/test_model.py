@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reserved_tokenizer
+
 from data_pipeline.loader import left_pad
 from debater.config import TrainConfig
 from debater.losses import debater_loss
@@ -161,23 +163,8 @@ def test_resolve_step_tokens_adds_step_tokens(tiny_model):
     assert len(tokenizer) == before + 8
 
 
-def _reserved_tokenizer(reserved_count: int):
-    """A word-level tokenizer that, like MiniCPM's, owns <reserved_0>.. as single (special) tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    reserved = [f"<reserved_{i}>" for i in range(reserved_count)]
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *reserved, "hello", "world"])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    core.add_special_tokens(reserved)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                                   unk_token="<unk>"), vocab
-
-
 def test_resolve_step_tokens_uses_minicpm_reserved_tokens():
-    tokenizer, vocab = _reserved_tokenizer(24)
+    tokenizer, vocab = reserved_tokenizer(24)
     before = len(tokenizer)
     settings = EncodingSettings(cod_steps=8)
     assert resolve_step_tokens(tokenizer, settings) == []
@@ -190,7 +177,7 @@ def test_resolve_step_tokens_uses_minicpm_reserved_tokens():
 
 
 def test_resolve_step_tokens_falls_back_when_reserved_range_is_incomplete():
-    tokenizer, _ = _reserved_tokenizer(16)  # has <reserved_12>..<reserved_15> only
+    tokenizer, _ = reserved_tokenizer(16)  # has <reserved_12>..<reserved_15> only
     settings = EncodingSettings(cod_steps=8)
     added = resolve_step_tokens(tokenizer, settings)
     assert settings.step_tokens == added == [f"<step_{i}>" for i in range(1, 9)]
