@@ -15,8 +15,9 @@ TASKS ?= $(DEBIAN_DIR)/test
 EVAL_ARGS ?=
 DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
+BENCH := runs/bench
 
-.PHONY: setup assets preprocess train eval demo test bench tensorboard clean
+.PHONY: setup assets preprocess train eval export demo test bench tensorboard clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
@@ -32,13 +33,16 @@ assets: setup
 	$(PY) -m data_pipeline build-debian --out $(DEBIAN_DIR)
 
 preprocess: setup
-	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG)
+	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG) $(if $(MINE),--mine-bm25 $(MINE))
 
 train: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH launch/single_node.sh $(CONFIG) $(NPROC)
 
 eval: setup
 	$(PY) -m debater eval $(foreach m,$(MODEL),--model $(m)) --tasks $(TASKS) --out $(or $(OUT),runs/eval) $(EVAL_ARGS)
+
+export: setup
+	$(PY) -m debater export --checkpoint $(CKPT) --out $(OUT) $(if $(MERGED),--merged)
 
 demo: assets
 	$(MAKE) preprocess
@@ -47,6 +51,15 @@ demo: assets
 
 test: setup
 	$(PY) -m pytest tests
+
+# long-running: the speed ratios of every issue, then the four-variant ablation (see README)
+bench: assets
+	$(PY) -m debater.bench.preprocess --memory --out $(BENCH)/preprocess.json
+	$(PY) -m debater.bench.train_step --out $(BENCH)/train_step.json
+	$(PY) -m debater.bench.trainer --out $(BENCH)/trainer.json
+	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
+	$(PY) -m debater.bench.ablation --out $(BENCH)/ablation
+	$(PY) -m debater.bench.report $(BENCH)
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

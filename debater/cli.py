@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-corpus", type=int, help="... and their positives plus fixed distractors, N docs in all")
     ev.add_argument("--max-length", type=int, help="truncate texts to this many tokens (suffix kept)")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a base model's own code (e.g. MiniCPM); trained exports record this themselves")
     ev.add_argument("--per-step", action="store_true",
                     help="also score each deliberation step's document embedding alone: per_step.{json,md,png}")
     ev.set_defaults(func=cmd_eval)

@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     per_device_train_batch_size: int = 64
+    negatives_per_query: int = 1  # hard negatives per query; rows with fewer are left out of the plan
     gradient_accumulation_steps: int = 1
     max_seq_length: int = 512
     query_max_length: int | None = None
@@ -81,7 +82,8 @@ class TrainConfig:
             raise ConfigError(f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}")
-        for name in ("per_device_train_batch_size", "max_seq_length", "logging_steps", "save_steps", "lora_r"):
+        for name in ("per_device_train_batch_size", "negatives_per_query", "max_seq_length", "logging_steps",
+                     "save_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gradient_accumulation_steps != 1:

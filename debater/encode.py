@@ -34,7 +34,7 @@ def inference_devices() -> list[str]:
 
 
 def load_text_encoder(path: str, batch_size: int = 32, max_length: int | None = None,
-                      devices: list[str] | None = None, remember: bool = False):
+                      devices: list[str] | None = None, remember: bool = False, trust_remote_code: bool = False):
     """Load a model for inference: bf16 when the devices are GPUs, fp32 on the CPU.
 
     A sentence-transformers folder (a zero-shot reference such as MiniLM) is encoded its own way.
@@ -46,7 +46,8 @@ def load_text_encoder(path: str, batch_size: int = 32, max_length: int | None = 
     devices = devices or inference_devices()
     dtype = "bfloat16" if devices[0].startswith("cuda") else "float32"
     try:
-        encoder, tokenizer, pooling = load_encoder(path, dtype=dtype, max_length=max_length)
+        encoder, tokenizer, pooling = load_encoder(path, dtype=dtype, max_length=max_length,
+                                                   trust_remote_code=trust_remote_code)
     except OSError as err:  # transformers' many-line "not a folder, not a hub id" message
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise FileNotFoundError(f"cannot load model {path!r} ({reason}): pass a model folder, a training "

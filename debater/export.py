@@ -4,8 +4,8 @@ The output has the layout of the end-of-training ``adapter/`` folder (PEFT
 adapter, tokenizer with step tokens, ``debater.json``), so ``python -m debater
 eval --model OUT`` loads it. With ``merged`` it also holds ``merged/``: the
 LoRA and step-token rows folded into a plain Hugging Face model + tokenizer,
-for tools that know nothing of PEFT (encode it with the settings of
-``OUT/debater.json``).
+for tools that know nothing of PEFT; its own ``debater.json`` (marked
+``merged``) lets ``eval``/``encode`` use it with the trained settings too.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from debater import checkpoint
 from debater.config import TrainConfig
-from debater.model import build_training_encoder, load_encoder, save_encoder
+from debater.model import build_training_encoder, load_encoder, save_encoder, write_encoder_meta
 
 log = logging.getLogger(__name__)
 MERGED = "merged"
@@ -51,5 +51,7 @@ def export_checkpoint(source: Path, out: Path, merged: bool = False) -> Path:
         folded, folded_tokenizer, _ = load_encoder(str(out), dtype=config.torch_dtype)
         folded.backbone.save_pretrained(out / MERGED)
         folded_tokenizer.save_pretrained(out / MERGED)
+        write_encoder_meta(out / MERGED, folded.settings, config.model_name_or_path, config.pooling_mode,
+                           config.trust_remote_code, merged=True)
         log.info("merged model written to %s", out / MERGED)
     return out

@@ -115,14 +115,22 @@ def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: 
     # step-token rows travel as trainable-token values, so the resized embedding need not be saved whole
     encoder.backbone.save_pretrained(out_dir, save_embedding_layers=False)
     tokenizer.save_pretrained(out_dir)
+    write_encoder_meta(out_dir, encoder.settings, base_model, pooling, trust_remote_code)
+
+
+def write_encoder_meta(out_dir: Path, settings: EncodingSettings, base_model: str, pooling: str,
+                       trust_remote_code: bool, merged: bool = False) -> None:
+    """``debater.json``: what inference needs to encode as training did. ``merged``: the folder holds the
+    whole model (LoRA folded in), not an adapter over ``base_model``."""
     meta = {"base_model": base_model, "pooling": pooling, "trust_remote_code": trust_remote_code,
-            "settings": encoder.settings.to_dict()}
+            "merged": merged, "settings": settings.to_dict()}
     (out_dir / ENCODER_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
-                 max_length: int | None = None) -> tuple[DebaterEncoder, object, str]:
-    """Load an exported adapter (or a training output_dir holding ``adapter/``) or a plain base model.
+                 max_length: int | None = None, trust_remote_code: bool = False) -> tuple[DebaterEncoder, object, str]:
+    """Load an exported adapter (or a training output_dir holding ``adapter/``), a merged export, or a
+    plain base model (``trust_remote_code`` is for base models only; exports record their own).
 
     Returns (encoder in eval mode, tokenizer, pooling). A base model gets the
     default DEBATER formatting with fresh step tokens, i.e. the untrained baseline.
@@ -139,16 +147,19 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
         settings = EncodingSettings(**meta["settings"])
         remote = meta.get("trust_remote_code", False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
-        backbone = load_backbone(meta["base_model"], dtype, attn_implementation, remote)
-        if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
-            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()
+        if meta.get("merged"):
+            model = load_backbone(str(folder), dtype, attn_implementation, remote)
+        else:
+            backbone = load_backbone(meta["base_model"], dtype, attn_implementation, remote)
+            if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+                backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()
         pooling = meta["pooling"]
     else:
         settings = EncodingSettings()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         added = resolve_step_tokens(tokenizer, settings)
-        model = load_backbone(path, dtype, attn_implementation)
+        model = load_backbone(path, dtype, attn_implementation, trust_remote_code)
         if added:
             grow_embeddings(model, tokenizer)
         pooling = "last_step"

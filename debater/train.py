@@ -28,7 +28,6 @@ from debater.model import build_training_encoder, save_encoder
 from debater.monitor import Monitor
 
 log = logging.getLogger(__name__)
-NEGATIVES_PER_QUERY = 1
 WEIGHTS_BY_RANK = "weights_by_rank.json"
 LOGGED_MEANS = ("loss/total", "loss/contrastive", "loss/distillation", "train/in_batch_top1")
 
@@ -111,7 +110,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     encoder = build_training_encoder(config, tokenizer)
     data = open_training_data(config, encoder.settings, tokenizer)
     global_batch = config.per_device_train_batch_size * world
-    plan = data.plan(global_batch, config.seed, NEGATIVES_PER_QUERY)
+    plan = data.plan(global_batch, config.seed, config.negatives_per_query)
     total_steps = min(len(plan), config.stop_after_n_steps or len(plan))
     if len(plan) == 0:
         raise TrainingError(f"no full global batch of {global_batch} rows in {data.folder}: lower the batch size")
@@ -131,7 +130,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     if config.resume_from_checkpoint:
         step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = RankLoader(data, plan, rank, world, pad_id, NEGATIVES_PER_QUERY)
+    loader = RankLoader(data, plan, rank, world, pad_id, config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
     try:
         _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps)

@@ -187,3 +187,12 @@ def test_remote_code_backbone_trains_saves_and_loads(remote_folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_documents(ids, mask), encoder.encode_documents(ids, mask),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_remote_code_base_model_evaluates_only_when_trusted(remote_folder):
+    """The untrained baseline of a remote-code model (eval --trust-remote-code)."""
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_encoder(str(remote_folder))
+    encoder, tokenizer, pooling = load_encoder(str(remote_folder), trust_remote_code=True)
+    assert type(encoder.backbone).__name__ == "TinyCPMModel" and pooling == "last_step"
+    assert encoder.settings.step_tokens == RESERVED_STEPS and len(tokenizer) == encoder.backbone.config.vocab_size

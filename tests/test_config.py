@@ -166,6 +166,7 @@ def test_accepted_types():
     ("lr_scheduler_type", "step", "lr_scheduler_type"),
     ("per_device_train_batch_size", 0, "per_device_train_batch_size"),
     ("max_seq_length", -1, "max_seq_length"),
+    ("negatives_per_query", 0, "negatives_per_query"),
 ])
 def test_invalid_values_raise_with_the_source(tmp_path, key, value, fragment):
     path = write(tmp_path, {**SEED_CONFIG, key: value})

@@ -61,6 +61,8 @@ def test_merged_model_loads_as_a_plain_model_with_the_same_embeddings(exports):
     merged = _embeddings(encoder, AutoTokenizer.from_pretrained(folder), meta["pooling"])
     adapter = _embeddings(*load_encoder(str(exports / "latest")))
     np.testing.assert_allclose(merged, adapter, rtol=0, atol=1e-5)
+    # eval/encode load the merged folder by itself, with the trained settings from its own debater.json
+    np.testing.assert_allclose(_embeddings(*load_encoder(str(folder))), adapter, rtol=0, atol=1e-5)
 
 
 def test_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, caplog):

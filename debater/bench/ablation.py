@@ -17,6 +17,7 @@ VARIANTS = ("vanilla", "sd_only", "cod_only", "full")
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
 BASE_MODEL = "assets/models/smollm2-135m"
 TEST_SET = "assets/data/debian/test"
+TRAIN_DATA = "assets/data/debian/echo-data"  # raw: each run preprocesses it for its own document format
 
 
 def minilm_folder() -> str:
@@ -32,7 +33,7 @@ def minilm_folder() -> str:
 def train_variant(variant: str, seed: int, steps: int, out: Path, port: int) -> float:
     """Train one variant through launch/single_node.sh; return the wall time in seconds."""
     config = json.loads(BASE_CONFIG.read_text())
-    config.update({"output_dir": str(out), "loss_variant": variant, "seed": seed, "stop_after_n_steps": steps,
+    config.update({"output_dir": str(out), "dataset_file_path": TRAIN_DATA, "loss_variant": variant, "seed": seed, "stop_after_n_steps": steps,
                    "save_steps": steps, "logging_steps": max(1, steps // 10),
                    "pooling_mode": "last_token" if variant == "vanilla" else "last_step"})
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,54 @@
+"""Gather the benchmark results under one folder into ``report.md``: each speed ratio with its command and
+machine, then the ablation table. Only results that exist are reported; nothing is filled in."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SPEED = ("preprocess", "train_step", "trainer", "encoding")
+
+
+def speed_lines(results: dict[str, dict]) -> list[str]:
+    lines = ["## Speed ratios (each against the naive way, in one run, same machine)", ""]
+    for name in SPEED:
+        if name not in results:
+            lines.append(f"- **{name}**: not run")
+            continue
+        result = results[name]
+        lines += [f"- **{name}**: {result['summary']}", f"  - machine: {result['machine']}",
+                  f"  - command: `{result['command']}`"]
+    return lines
+
+
+def ablation_lines(result: dict) -> list[str]:
+    lines = ["## Ablation on the Debian test subset", "",
+             f"{result['steps']} steps x global batch {result['global_batch']} per variant, seeds {result['seeds']}, "
+             f"{result['subset']['queries']} queries / {result['subset']['corpus']} documents; "
+             f"wall time {result['wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
+             f"command: `{result['command']}`", "",
+             "| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
+    for model, scores in result["scores"].items():
+        lines.append(f"| {model} | {scores['ndcg_at_10']:.4f} | {scores['recall_at_10']:.4f} | "
+                     f"{scores['mrr_at_10']:.4f} |")
+    return lines
+
+
+def build_report(folder: Path) -> str:
+    results = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
+    ablation = folder / "ablation" / "ablation.json"
+    lines = ["# Benchmark report", "", *speed_lines(results), ""]
+    if ablation.exists():
+        lines += ablation_lines(json.loads(ablation.read_text()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
+    report = build_report(folder)
+    (folder / "report.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
