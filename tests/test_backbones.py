@@ -196,3 +196,28 @@ def test_remote_code_base_model_evaluates_only_when_trusted(remote_folder):
     encoder, tokenizer, pooling = load_encoder(str(remote_folder), trust_remote_code=True)
     assert type(encoder.backbone).__name__ == "TinyCPMModel" and pooling == "last_step"
     assert encoder.settings.step_tokens == RESERVED_STEPS and len(tokenizer) == encoder.backbone.config.vocab_size
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_native_families_get_every_projection_and_stay_padding_invariant(family, tmp_path):
+    import transformers
+
+    tokenizer, vocab = reserved_tokenizer(24, WORDS)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=2)
+    torch.manual_seed(0)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    encoder = build_training_encoder(_config(tmp_path), tokenizer)
+    assert type(encoder.backbone.base_model.model).__name__ == f"{family}Model"
+    assert set(encoder.backbone.peft_config["default"].target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    encoder.eval()
+    texts = fixture_texts()[:4]
+    formatter, (ids, mask) = _batch(tokenizer, encoder, texts)
+    with torch.no_grad():
+        together = encoder.encode_documents(ids, mask)
+        for index, text in enumerate(texts):
+            alone = encoder.encode_documents(*left_pad(formatter.documents([text]), 2))
+            torch.testing.assert_close(together[index], alone[0], atol=1e-5, rtol=1e-5)
