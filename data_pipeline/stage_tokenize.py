@@ -195,31 +195,24 @@ def _tokenized(jobs: list[PieceJob], tokenizer_dir: str, settings: dict,
 
 def _build_shards(works: list[FileWork], tokenizer_dir: str, settings: dict, workers: int) -> list[dict]:
     """Tokenize all pieces; each file's shard is assembled as soon as its last piece is done."""
-    jobs = [job for work in works for job in work.jobs]
-    owner = [w for w, work in enumerate(works) for _ in work.jobs]
-    counts: list[ReadCounts | None] = [None] * len(jobs)
-    first = [sum(len(work.jobs) for work in works[:w]) for w in range(len(works))]
+    owned = [(w, job) for w, work in enumerate(works) for job in work.jobs]
+    totals = [ReadCounts() for _ in works]
     remaining = [len(work.jobs) for work in works]
-    entries: list[dict | None] = [None] * len(works)
-    for w, work in enumerate(works):
-        if not work.jobs:  # an empty input file still gets its (empty) shard and counts
-            entries[w] = _finish_file(work, [])
-    workers = max(1, min(workers, len(jobs)))
-    log.info("tokenizing %d file(s), %d piece(s), with %d worker(s)", len(works), len(jobs), workers)
-    for index, piece_counts in _tokenized(jobs, tokenizer_dir, settings, workers):
-        counts[index] = piece_counts
-        w = owner[index]
+    # an empty input file has no piece but still gets its (empty) shard and counts
+    entries = [None if work.jobs else _finish_file(work, totals[w]) for w, work in enumerate(works)]
+    workers = max(1, min(workers, len(owned)))
+    log.info("tokenizing %d file(s), %d piece(s), with %d worker(s)", len(works), len(owned), workers)
+    for index, piece_counts in _tokenized([job for _, job in owned], tokenizer_dir, settings, workers):
+        w = owned[index][0]
+        totals[w].add(piece_counts)
         remaining[w] -= 1
         if remaining[w] == 0:
-            entries[w] = _finish_file(works[w], counts[first[w]:first[w] + len(works[w].jobs)])
+            entries[w] = _finish_file(works[w], totals[w])
     return entries
 
 
-def _finish_file(work: FileWork, counts: list[ReadCounts]) -> dict:
+def _finish_file(work: FileWork, total: ReadCounts) -> dict:
     """Assemble the file's shard from its parts and write its sidecar; return its manifest entry."""
-    total = ReadCounts()
-    for piece_counts in counts:
-        total.add(piece_counts)
     _assemble([job.part for job in work.jobs], work.shard)
     entry = {"file": work.path.name, "shard": work.shard.name, **total.as_dict()}
     if work.mined:

@@ -115,6 +115,16 @@ def _batch(tokenizer, encoder, texts):
     return formatter, left_pad(formatter.documents(texts), tokenizer.pad_token_id)
 
 
+def _assert_padding_invariant(tokenizer, encoder, texts) -> None:
+    """Each document's views are the same alone as inside a left-padded batch."""
+    formatter, (ids, mask) = _batch(tokenizer, encoder, texts)
+    with torch.no_grad():
+        together = encoder.encode_documents(ids, mask)
+        for index, text in enumerate(texts):
+            alone = encoder.encode_documents(*left_pad(formatter.documents([text]), 2))
+            torch.testing.assert_close(together[index], alone[0], atol=1e-5, rtol=1e-5)
+
+
 def _one_step(tokenizer, encoder) -> torch.Tensor:
     formatter = TextFormatter(tokenizer, encoder.settings)
     texts = fixture_texts()
@@ -150,12 +160,7 @@ def test_minicpm3_padding_does_not_change_embeddings(minicpm3_folder):
     tokenizer = AutoTokenizer.from_pretrained(minicpm3_folder)
     encoder = build_training_encoder(_config(minicpm3_folder), tokenizer).eval()
     texts = fixture_texts()[:5]
-    formatter, (ids, mask) = _batch(tokenizer, encoder, texts)
-    with torch.no_grad():
-        together = encoder.encode_documents(ids, mask)
-        for index, text in enumerate(texts):
-            alone = encoder.encode_documents(*left_pad(formatter.documents([text]), 2))
-            torch.testing.assert_close(together[index], alone[0], atol=1e-5, rtol=1e-5)
+    _assert_padding_invariant(tokenizer, encoder, texts)
 
 
 def test_remote_code_backbone_needs_trust_remote_code(remote_folder):
@@ -215,9 +220,4 @@ def test_native_families_get_every_projection_and_stay_padding_invariant(family,
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     encoder.eval()
     texts = fixture_texts()[:4]
-    formatter, (ids, mask) = _batch(tokenizer, encoder, texts)
-    with torch.no_grad():
-        together = encoder.encode_documents(ids, mask)
-        for index, text in enumerate(texts):
-            alone = encoder.encode_documents(*left_pad(formatter.documents([text]), 2))
-            torch.testing.assert_close(together[index], alone[0], atol=1e-5, rtol=1e-5)
+    _assert_padding_invariant(tokenizer, encoder, texts)
