@@ -29,6 +29,17 @@ def choose_attention(requested: str) -> str:
     return requested
 
 
+def avoid_cudnn_attention_backward() -> None:
+    """Training on CUDA: keep SDPA off its cuDNN backend, whose backward returns NaN for masked inputs in some
+    torch releases (pytorch/pytorch#196678: with an attention mask, sequence lengths of 64 mod 128 and rows
+    whose log-sum-exp is very negative, as left padding gives). Measured on an H100 with torch 2.11: bf16 + sdpa
+    gave an infinite gradient norm at every step, bf16 + eager and fp32 + sdpa did not. That this switch cures it
+    follows the upstream report; it has not yet run on a GPU here. Flash and memory-efficient kernels take over."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("cuDNN attention backend disabled for training (NaN gradients in its backward, see model.py)")
+
+
 def lora_targets(model: nn.Module) -> list[str]:
     """Names of every linear layer inside the transformer blocks (attention and MLP alike).
 

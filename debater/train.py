@@ -24,7 +24,7 @@ from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fi
 from debater import checkpoint, distributed
 from debater.config import TrainConfig
 from debater.losses import debater_loss
-from debater.model import build_training_encoder, save_encoder
+from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     from transformers import AutoTokenizer
 
     deepspeed.init_distributed()
+    avoid_cudnn_attention_backward()
     rank, world = distributed.rank(), distributed.world_size()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,13 @@ def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch
             raise TrainingError(f"non-finite loss ({stats[0]}) at step {step + 1}: stopping; the last good "
                                 f"checkpoint stays 'latest' in {ckpt_dir}")
         engine.step()
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        if not math.isfinite(grad_norm) and not engine.fp16_enabled():  # fp16's loss scaler skips overflows by design
+            raise TrainingError(
+                f"non-finite gradient norm ({grad_norm}) at step {step + 1} while the loss is finite: DeepSpeed skipped "
+                f"the update, so training would go on without learning; stopping (the last good checkpoint stays "
+                f"'latest' in {ckpt_dir}). If this happens on a GPU with attn_implementation={config.attn_implementation}, "
+                "rerun with attn_implementation=eager to tell an attention-kernel bug from a model problem")
         step, next_batch = step + 1, next_batch + 1
         bar.update(1)
         for name, value in zip(LOGGED_MEANS, stats):
@@ -199,7 +207,7 @@ def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch
             count = len(best_views)
             values = {name: total / count for name, total in sums.items()}
             values.update({"train/learning_rate": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                           "train/grad_norm": grad_norm,
                            "speed/tokens_per_s": window["tokens"] / elapsed,
                            "speed/samples_per_s": window["samples"] / elapsed,
                            "data/padding_fraction": 1.0 - window["tokens"] / window["slots"]})

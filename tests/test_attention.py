@@ -1,4 +1,5 @@
-"""flash-attn is a GPU extra: asking for it without the package or a GPU falls back to sdpa, saying so once."""
+"""flash-attn is a GPU extra: asking for it without the package or a GPU falls back to sdpa, saying so once.
+Training on CUDA turns off SDPA's cuDNN backend (NaN gradients measured on an H100); on CPU nothing changes."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,17 @@ def test_other_attention_choices_are_kept(caplog):
         assert model.choose_attention("sdpa") == "sdpa"
         assert model.choose_attention("eager") == "eager"
     assert not caplog.records
+
+
+def test_training_on_cuda_turns_off_cudnn_attention(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model.avoid_cudnn_attention_backward()
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model.avoid_cudnn_attention_backward()
+    assert calls == [False]
 
 
 def test_cli_help_lists_the_jobs(capsys):

@@ -44,6 +44,27 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(di
     assert sorted(tensorboard_scalars(run / "tensorboard", "loss/total")) == list(range(1, step))
 
 
+@pytest.fixture(scope="module")
+def infinite_gradient(tiny_model, tmp_path_factory):
+    """A score scale of 1e30: the loss stays finite but the squared gradient norm overflows float32."""
+    work = tmp_path_factory.mktemp("inf_grad")
+    shutil.copytree(FIXTURES / "echo", work / "echo")
+    config = {"model_name_or_path": str(tiny_model), "dataset_file_path": str(work / "echo"),
+              "output_dir": str(work / "run"), "scale": 1e30, "warmup_steps": 0, "per_device_train_batch_size": 2,
+              "max_seq_length": 32, "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 1, "lora_r": 4,
+              "cod_steps": 4, "torch_dtype": "float32", "seed": 3}
+    return launch_training(config, work / "config.json", free_port(), timeout=480), work / "run"
+
+
+def test_non_finite_gradient_with_finite_loss_stops_instead_of_skipping_every_update(infinite_gradient):
+    done, run = infinite_gradient
+    assert done.returncode != 0
+    assert re.search(r"non-finite gradient norm \((?:nan|inf)\) at step 1 while the loss is finite", _output(done)), \
+        _output(done)[-3000:]
+    assert not (run / "checkpoints" / "latest").exists()
+    assert not (run / "adapter").exists()
+
+
 def test_a_killed_rank_fails_the_launch_without_hanging(interrupted_run):
     crashed = interrupted_run.crashed  # launched with a timeout: a hang fails the fixture
     assert crashed.returncode != 0
