@@ -58,6 +58,7 @@ bench: assets
 	$(PY) -m debater.bench.train_step --out $(BENCH)/train_step.json
 	$(PY) -m debater.bench.trainer --out $(BENCH)/trainer.json
 	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
+	$(PY) -m debater.bench.view_signal --out $(BENCH)/view_signal.json
 	$(PY) -m debater.bench.ablation --out $(BENCH)/ablation
 	$(PY) -m debater.bench.report $(BENCH)
 

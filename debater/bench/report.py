@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-SPEED = ("preprocess", "train_step", "trainer", "encoding")
+SPEED = ("preprocess", "train_step", "trainer", "encoding")  # view_signal.json is a diagnostic, reported apart
 
 
 def speed_lines(results: dict[str, dict]) -> list[str]:
@@ -23,9 +23,10 @@ def speed_lines(results: dict[str, dict]) -> list[str]:
 
 def ablation_lines(result: dict) -> list[str]:
     lines = ["## Ablation on the Debian test subset", "",
-             f"{result['steps']} steps x global batch {result['global_batch']} per variant, seeds {result['seeds']}, "
-             f"{result['subset']['queries']} queries / {result['subset']['corpus']} documents; "
-             f"wall time {result['wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
+             f"{result['steps']} steps x global batch {result['global_batch']} per variant, lr {result['learning_rate']}, "
+             f"seeds {result['seeds']}; {result['subset']['queries']} queries / {result['subset']['corpus']} documents. "
+             f"Training {result['train_wall_seconds'] / 60:.0f} min on {result['train_machine']}; evaluation "
+             f"{result['eval_wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
              f"command: `{result['command']}`", "",
              "| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
     for model, scores in result["scores"].items():
@@ -34,12 +35,25 @@ def ablation_lines(result: dict) -> list[str]:
     return lines
 
 
+def view_signal_lines(result: dict) -> list[str]:
+    columns = list(next(iter(result["formats"].values())))
+    lines = ["## Document views before training", "",
+             f"{result['rows']} queries against {result['candidates']} candidates, base model; "
+             f"command: `{result['command']}`", "",
+             "| format | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, stats in result["formats"].items():
+        lines.append(f"| {name} | " + " | ".join(str(stats[column]) for column in columns) + " |")
+    return lines
+
+
 def build_report(folder: Path) -> str:
     results = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
     ablation = folder / "ablation" / "ablation.json"
     lines = ["# Benchmark report", "", *speed_lines(results), ""]
     if ablation.exists():
-        lines += ablation_lines(json.loads(ablation.read_text()))
+        lines += ablation_lines(json.loads(ablation.read_text())) + [""]
+    if "view_signal" in results:
+        lines += view_signal_lines(results["view_signal"])
     return "\n".join(lines) + "\n"
 
 
