@@ -100,7 +100,8 @@ class TextFormatter:
         if settings.doc_mode == "step_tokens":
             if len(settings.step_tokens) != settings.cod_steps:
                 raise ValueError("call resolve_step_tokens before building a TextFormatter")
-            prompt_ids = tokenizer(" " + settings.prompt_text(), add_special_tokens=False).input_ids
+            prompt = settings.prompt_text()  # may be empty: the step tokens then follow the text directly
+            prompt_ids = tokenizer(" " + prompt, add_special_tokens=False).input_ids if prompt else []
             self.doc_suffix = prompt_ids + tokenizer.convert_tokens_to_ids(settings.step_tokens)
         else:
             self.doc_suffix = [self.eos_id]

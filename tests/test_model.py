@@ -232,6 +232,15 @@ def test_documents_end_with_prompt_and_steps_and_fit(tiny_model):
         assert ids[0] == tokenizer.bos_token_id
 
 
+def test_an_empty_prompt_puts_the_step_tokens_right_after_the_body(tiny_model):
+    tokenizer = _tokenizer(tiny_model)
+    settings = EncodingSettings(cod_steps=4, doc_max_length=30, deliberation_prompt="")
+    resolve_step_tokens(tokenizer, settings)
+    steps = tokenizer.convert_tokens_to_ids(settings.step_tokens)
+    body = tokenizer(DOCS[0], add_special_tokens=False).input_ids
+    assert TextFormatter(tokenizer, settings).documents([DOCS[0]]) == [[tokenizer.bos_token_id, *body, *steps]]
+
+
 def test_last_token_mode_ends_documents_with_eos(tiny_model):
     tokenizer = _tokenizer(tiny_model)
     settings = EncodingSettings(doc_mode="last_token", doc_max_length=6)

@@ -47,7 +47,19 @@ def variant_config(variant: str, seed: int, args: argparse.Namespace, out: Path)
                        ("warmup_steps", args.warmup), ("torch_dtype", args.dtype)):
         if value is not None:
             config[key] = value
+    config.update(args.set)
     return config
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, lists, true) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
@@ -123,6 +135,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: the demo config's)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: the demo config's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights dtype (default: the demo config's)")
+    parser.add_argument("--set", type=config_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="any other training config key, for diagnostics (e.g. scale=60)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (a large GPU fits several)")
     parser.add_argument("--save-every", type=int, help="checkpoint interval (default: only the last step)")
     parser.add_argument("--max-queries", type=int, default=200)
@@ -138,6 +152,7 @@ def main() -> None:
         batch = args.batch or json.loads(BASE_CONFIG.read_text())["per_device_train_batch_size"]
         record = {"steps": args.steps, "seeds": args.seeds, "global_batch": batch * args.nproc,
                   "learning_rate": args.lr or json.loads(BASE_CONFIG.read_text())["learning_rate"],
+                  "overrides": dict(args.set),
                   "train_seconds": train_all(args), "train_machine": machine_description()}
         record["train_wall_seconds"] = round(time.perf_counter() - start)
         record_path.write_text(json.dumps(record, indent=2) + "\n")
