@@ -1,5 +1,5 @@
 """The view-signal diagnostic (debater.bench.view_signal) equals the same statistics computed one text at a
-time, without padding, with plain loops."""
+time, without padding, with plain loops; trained runs and base formats go through the same statistics."""
 from __future__ import annotations
 
 import math
@@ -7,11 +7,9 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES
-from transformers import AutoTokenizer
-
-from debater.bench.view_signal import FORMATS, read_rows, signal
-from debater.model import DebaterEncoder, grow_embeddings, load_backbone
-from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
+from debater.bench.view_signal import FORMATS, base_encoder, read_rows, statistics
+from debater.model import load_encoder
+from debater.prompts import TextFormatter
 
 INSTRUCTION = "Given a query, retrieve the matching document:"
 SCALE = 30.0
@@ -21,15 +19,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def one_at_a_time(model_path: str, rows: list[dict], fields: dict) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    settings = EncodingSettings(**fields, query_max_length=32, doc_max_length=32)
-    added = resolve_step_tokens(tokenizer, settings)
-    backbone = load_backbone(model_path, "float32", "sdpa")
-    if added:
-        grow_embeddings(backbone, tokenizer)
-    encoder = DebaterEncoder(backbone, settings).eval()
-    formatter = TextFormatter(tokenizer, settings)
+def one_at_a_time(encoder, tokenizer, rows: list[dict]) -> dict:
+    formatter = TextFormatter(tokenizer, encoder.settings)
 
     def run(ids: list[int], method) -> torch.Tensor:
         with torch.no_grad():
@@ -43,16 +34,27 @@ def one_at_a_time(model_path: str, rows: list[dict], fields: dict) -> dict:
     margins = [row[i] - sum(row) / len(row) for i, row in enumerate(best)]
     last = [d[-1] for d in docs]
     doc_doc = [cosine(a, b) for a in last for b in last]
+    query_query = [cosine(a, b) for a in queries for b in queries]
     loss = [math.log(sum(math.exp(s) for s in row)) - row[i] for i, row in enumerate(best)]
-    return {"doc_doc_cosine": sum(doc_doc) / len(doc_doc), "positive_margin": sum(margins) / len(margins),
-            "initial_loss": sum(loss) / len(loss)}
+    return {"doc_doc_cosine": sum(doc_doc) / len(doc_doc), "query_query_cosine": sum(query_query) / len(query_query),
+            "positive_margin": sum(margins) / len(margins), "loss": sum(loss) / len(loss)}
+
+
+def rows() -> list[dict]:
+    return read_rows(FIXTURES / "echo" / "tiny_retrieval.jsonl", count=6, stride=1)
 
 
 @pytest.mark.parametrize("name", ["eos", "steps_added", "steps_no_prompt"])
 def test_batched_statistics_equal_one_text_at_a_time(tiny_model, name):
-    rows = read_rows(FIXTURES / "echo" / "tiny_retrieval.jsonl", count=6, stride=1)
-    batched = signal(str(tiny_model), rows, INSTRUCTION, FORMATS[name], max_length=32, scale=SCALE)
-    reference = one_at_a_time(str(tiny_model), rows, FORMATS[name])
-    for key, value in reference.items():
+    encoder, tokenizer = base_encoder(str(tiny_model), FORMATS[name], max_length=32)
+    batched = statistics(encoder, tokenizer, rows(), INSTRUCTION, SCALE)
+    for key, value in one_at_a_time(encoder, tokenizer, rows()).items():
         assert batched[key] == pytest.approx(value, abs=2e-4), key
     assert 0.0 <= batched["top1"] <= 1.0
+
+
+def test_a_loaded_base_model_is_the_default_step_format(tiny_model):
+    """The path for trained runs (load_encoder) on an untrained folder gives the base steps_added numbers."""
+    loaded = statistics(*load_encoder(str(tiny_model), max_length=32)[:2], rows(), INSTRUCTION, SCALE)
+    built = statistics(*base_encoder(str(tiny_model), FORMATS["steps_added"], max_length=32), rows(), INSTRUCTION, SCALE)
+    assert loaded == built

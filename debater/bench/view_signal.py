@@ -1,8 +1,9 @@
-"""How much a document view says about its document before any training, per document format.
+"""How far apart queries and document views are, and how much the scores tell candidates apart: for the base
+model in each document format, and for trained runs.
 
-Contrastive training starts from these scores: when every document's view looks alike (doc-doc cosine near
-1) and the positive scores no higher than the other candidates, the loss starts on its ln(N) plateau and
-the gradient has little to pull on. One batch of training rows, the base model, no LoRA:
+Contrastive loss can reach ln(N) (uniform scores) without learning anything, by making every document's view
+alike (doc-doc cosine near 1, score spread near 0); a run that learns spreads them out instead. One batch of
+training rows; the base model's formats (no LoRA):
 - ``eos``: the vanilla view (the EOS after the text);
 - ``last_k``: the last K input tokens (the SD-only ablation);
 - ``steps_added``: the deliberation prompt + K added ``<step_i>`` rows (full / CoD-only on SmolLM2);
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from data_pipeline.loader import left_pad
 from debater.bench.common import write_result
 from debater.losses import view_scores
-from debater.model import DebaterEncoder, grow_embeddings, load_backbone
+from debater.model import DebaterEncoder, grow_embeddings, load_backbone, load_encoder
 from debater.prompts import NUMBER_WORDS, EncodingSettings, TextFormatter, resolve_step_tokens
 
 INSTRUCTION_FILE = "assets/data/debian/echo-data/datasets.json"  # the instruction training uses
@@ -40,8 +41,32 @@ def read_rows(path: Path, count: int, stride: int) -> list[dict]:
         return [json.loads(line) for line in itertools.islice(lines, 0, count * stride, stride)]
 
 
-def signal(model_path: str, rows: list[dict], instruction: str, fields: dict, max_length: int, scale: float) -> dict:
-    """Score statistics of one document format: queries against every positive and negative of the batch."""
+def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction: str, scale: float) -> dict:
+    """Score statistics of one encoder: queries against every positive and negative of the batch."""
+    formatter = TextFormatter(tokenizer, encoder.settings)
+    pad_id = tokenizer.eos_token_id
+    queries = formatter.queries([r["query"] for r in rows], [instruction] * len(rows))
+    documents = formatter.documents([r["positive"] for r in rows] + [r["negative"] for r in rows])
+    with torch.no_grad():
+        q = encoder.encode_queries(*left_pad(queries, pad_id))
+        views = encoder.encode_documents(*left_pad(documents, pad_id))
+    scores = view_scores(q, views, scale)                       # [B, 2B, V]
+    best = scores.max(-1).values
+    labels = torch.arange(len(rows))
+    unit_q, unit_last = F.normalize(q, dim=-1), F.normalize(views[:, -1], dim=-1)
+    return {
+        "doc_doc_cosine": round(float((unit_last @ unit_last.T).mean()), 4),
+        "query_query_cosine": round(float((unit_q @ unit_q.T).mean()), 4),
+        "query_doc_cosine": round(float(scores[..., -1].mean() / scale), 4),
+        "positive_margin": round(float((best[labels, labels] - best.mean(-1)).mean()), 4),
+        "score_spread": round(float(best.std(-1).mean()), 4),
+        "loss": round(float(F.cross_entropy(best, labels)), 4),
+        "top1": round(float((best.argmax(-1) == labels).float().mean()), 4),
+    }
+
+
+def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[DebaterEncoder, object]:
+    """The untrained model with one document format (fresh step rows where tokens are added)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -50,31 +75,13 @@ def signal(model_path: str, rows: list[dict], instruction: str, fields: dict, ma
     backbone = load_backbone(model_path, "float32", "sdpa")
     if added:
         grow_embeddings(backbone, tokenizer)
-    encoder = DebaterEncoder(backbone, settings).eval()
-    formatter = TextFormatter(tokenizer, settings)
-    pad_id = tokenizer.eos_token_id
-    queries = formatter.queries([r["query"] for r in rows], [instruction] * len(rows))
-    documents = formatter.documents([r["positive"] for r in rows] + [r["negative"] for r in rows])
-    with torch.no_grad():
-        q = encoder.encode_queries(*left_pad(queries, pad_id))
-        views = encoder.encode_documents(*left_pad(documents, pad_id))
-    scores = view_scores(q, views, scale)                       # [B, 2B, V]
-    best, last = scores.max(-1).values, scores[..., -1]
-    labels = torch.arange(len(rows))
-    last_views = F.normalize(views[:, -1], dim=-1)
-    return {
-        "doc_doc_cosine": round(float((last_views @ last_views.T).mean()), 4),
-        "query_doc_cosine": round(float(last.mean() / scale), 4),
-        "positive_margin": round(float((best[labels, labels] - best.mean(-1)).mean()), 4),
-        "score_spread": round(float(best.std(-1).mean()), 4),
-        "initial_loss": round(float(F.cross_entropy(best, labels)), 4),
-        "top1": round(float((best.argmax(-1) == labels).float().mean()), 4),
-    }
+    return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="assets/models/smollm2-135m")
+    parser.add_argument("--trained", nargs="*", default=[], help="trained runs or exported adapters to compare")
     parser.add_argument("--data", type=Path, default=Path("assets/data/debian/echo-data/debian_packages.jsonl"))
     parser.add_argument("--rows", type=int, default=32, help="batch size (queries; 2x as many candidates)")
     parser.add_argument("--stride", type=int, default=125, help="take every n-th row, to mix packages")
@@ -84,14 +91,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = read_rows(args.data, args.rows, args.stride)
     instruction = json.loads(Path(INSTRUCTION_FILE).read_text())[args.data.stem]
-    table = {name: signal(args.model, rows, instruction, fields, args.max_length, args.scale)
-             for name, fields in FORMATS.items()}
+    encoders = {f"base {name}": lambda fields=fields: base_encoder(args.model, fields, args.max_length)
+                for name, fields in FORMATS.items()}
+    encoders.update({"/".join(Path(path).parts[-2:]): lambda path=path: load_encoder(path, max_length=args.max_length)[:2]
+                     for path in args.trained})
+    table = {name: statistics(*make(), rows, instruction, args.scale) for name, make in encoders.items()}
     width = max(map(len, table))
     for name, stats in table.items():
         print(f"{name:<{width}}  " + "  ".join(f"{key}={value}" for key, value in stats.items()))
-    margins = ", ".join(f"{name} {stats['positive_margin']}" for name, stats in table.items())
+    spreads = ", ".join(f"{name} {stats['score_spread']}" for name, stats in table.items())
     write_result({"name": "view_signal", "rows": len(rows), "candidates": 2 * len(rows), "formats": table,
-                  "summary": f"positive margin at init (scaled score units): {margins}"}, args.out)
+                  "summary": f"score spread over candidates (scaled units): {spreads}"}, args.out)
 
 
 if __name__ == "__main__":
