@@ -1,0 +1,33 @@
+"""The benchmark report renders what exists (speed ratios, the ablation record, the view-signal table) and marks
+what was not run, without filling anything in."""
+from __future__ import annotations
+
+import json
+
+from debater.bench.report import build_report
+
+MACHINE = "some CPU, 2 cores"
+
+
+def write(path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
+    write(tmp_path / "trainer.json", {"summary": "trainer 1.11x", "machine": MACHINE, "command": "python -m x"})
+    write(tmp_path / "ablation" / "ablation.json", {
+        "steps": 60, "global_batch": 8, "learning_rate": 2e-4, "seeds": [42], "subset": {"queries": 200, "corpus": 600},
+        "train_wall_seconds": 2594, "train_machine": "one GPU", "eval_wall_seconds": 987, "machine": MACHINE,
+        "command": "python -m debater.bench.ablation --eval-only",
+        "scores": {"vanilla-seed42": {"ndcg_at_10": 0.74443, "recall_at_10": 0.865, "mrr_at_10": 0.7058}}})
+    write(tmp_path / "view_signal.json", {
+        "rows": 32, "candidates": 64, "command": "python -m debater.bench.view_signal",
+        "formats": {"base eos": {"doc_doc_cosine": 0.909, "score_spread": 1.78}}})
+    report = build_report(tmp_path)
+    assert "- **trainer**: trainer 1.11x" in report
+    assert "- **preprocess**: not run" in report
+    assert "Training 43 min on one GPU; evaluation 16 min on some CPU, 2 cores." in report
+    assert "| vanilla-seed42 | 0.7444 | 0.8650 | 0.7058 |" in report
+    assert "| format | doc_doc_cosine | score_spread |" in report
+    assert "| base eos | 0.909 | 1.78 |" in report
