@@ -69,9 +69,9 @@ def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
     config_path = out.parent / f"{out.name}.json"
     config_path.write_text(json.dumps(config, indent=2))
     env = dict(os.environ, MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(["launch/single_node.sh", str(config_path), str(nproc)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen(["launch/single_node.sh", str(config_path), str(nproc)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def train_all(args: argparse.Namespace) -> dict:
