@@ -111,6 +111,9 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_model_name_or_path:
         model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)
+        if added and not model.peft_config["default"].trainable_token_indices:
+            log.warning("%s trains no step-token rows (an adapter of another document format?): the %d added step "
+                        "tokens keep their initial embeddings", config.peft_model_name_or_path, len(added))
     else:
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_target_modules or lora_targets(backbone),

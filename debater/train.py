@@ -190,10 +190,11 @@ def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         if not math.isfinite(grad_norm) and not engine.fp16_enabled():  # fp16's loss scaler skips overflows by design
             raise TrainingError(
-                f"non-finite gradient norm ({grad_norm}) at step {step + 1} while the loss is finite: DeepSpeed skipped "
-                f"the update, so training would go on without learning; stopping (the last good checkpoint stays "
-                f"'latest' in {ckpt_dir}). If this happens on a GPU with attn_implementation={config.attn_implementation}, "
-                "rerun with attn_implementation=eager to tell an attention-kernel bug from a model problem")
+                f"non-finite gradient norm ({grad_norm}) at step {step + 1} while the loss is finite: DeepSpeed "
+                f"skipped the update, so training would go on without learning; stopping (the last good checkpoint "
+                f"stays 'latest' in {ckpt_dir}). If this happens on a GPU with attn_implementation="
+                f"{config.attn_implementation}, rerun with attn_implementation=eager to tell an attention-kernel bug "
+                "from a model problem")
         step, next_batch = step + 1, next_batch + 1
         bar.update(1)
         for name, value in zip(LOGGED_MEANS, stats):

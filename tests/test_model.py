@@ -2,6 +2,8 @@
 encoder, adapter save/load round trip and gradient checkpointing."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -299,6 +301,25 @@ def test_training_encoder_trains_lora_and_step_rows(tiny_model, tmp_path):
     debater_loss(queries, views, torch.arange(len(QUERIES)), "full").total.backward()
     assert tokens[0][1].grad is not None and tokens[0][1].grad.abs().sum(-1).gt(0).all()
     assert encoder.backbone.get_base_model().config.vocab_size == len(tokenizer)
+
+
+def test_warm_start_from_an_adapter_without_step_rows_says_they_stay_untrained(tiny_model, tmp_path, caplog):
+    vanilla = build_training_encoder(_config(tiny_model, tmp_path, loss_variant="vanilla", pooling_mode="last_token"),
+                                     _tokenizer(tiny_model))
+    save_encoder(vanilla, _tokenizer(tiny_model), tmp_path / "vanilla", str(tiny_model), "last_token")
+    full = build_training_encoder(_config(tiny_model, tmp_path / "full"), _tokenizer(tiny_model))
+    save_encoder(full, _tokenizer(tiny_model), tmp_path / "full-adapter", str(tiny_model), "last_step")
+    with caplog.at_level(logging.WARNING, logger="debater.model"):
+        full_config = _config(tiny_model, tmp_path, peft_model_name_or_path=str(tmp_path / "full-adapter"))
+        resumed = build_training_encoder(full_config, _tokenizer(tiny_model))
+    assert not [r for r in caplog.records if r.name == "debater.model"]
+    assert any("trainable_tokens" in n for n, p in resumed.named_parameters() if p.requires_grad)
+    with caplog.at_level(logging.WARNING, logger="debater.model"):
+        warm = build_training_encoder(_config(tiny_model, tmp_path, peft_model_name_or_path=str(tmp_path / "vanilla")),
+                                      _tokenizer(tiny_model))
+    ours = [r.getMessage() for r in caplog.records if r.name == "debater.model"]
+    assert len(ours) == 1 and "keep their initial embeddings" in ours[0]
+    assert not any("trainable_tokens" in n for n, p in warm.named_parameters() if p.requires_grad)
 
 
 def test_save_and_load_round_trip(tiny_model, tmp_path, base_encoder):

@@ -23,8 +23,9 @@ def speed_lines(results: dict[str, dict]) -> list[str]:
 
 def ablation_lines(result: dict) -> list[str]:
     lines = ["## Ablation on the Debian test subset", "",
-             f"{result['steps']} steps x global batch {result['global_batch']} per variant, lr {result['learning_rate']}, "
-             f"seeds {result['seeds']}; {result['subset']['queries']} queries / {result['subset']['corpus']} documents. "
+             f"{result['steps']} steps x global batch {result['global_batch']} per variant, "
+             f"lr {result['learning_rate']}, seeds {result['seeds']}; {result['subset']['queries']} queries / "
+             f"{result['subset']['corpus']} documents. "
              f"Training {result['train_wall_seconds'] / 60:.0f} min on {result['train_machine']}; evaluation "
              f"{result['eval_wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
              f"command: `{result['command']}`", "",

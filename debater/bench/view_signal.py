@@ -93,8 +93,8 @@ def main() -> None:
     instruction = json.loads(Path(INSTRUCTION_FILE).read_text())[args.data.stem]
     encoders = {f"base {name}": lambda fields=fields: base_encoder(args.model, fields, args.max_length)
                 for name, fields in FORMATS.items()}
-    encoders.update({"/".join(Path(path).parts[-2:]): lambda path=path: load_encoder(path, max_length=args.max_length)[:2]
-                     for path in args.trained})
+    encoders.update({"/".join(Path(path).parts[-2:]):
+                     lambda path=path: load_encoder(path, max_length=args.max_length)[:2] for path in args.trained})
     table = {name: statistics(*make(), rows, instruction, args.scale) for name, make in encoders.items()}
     width = max(map(len, table))
     for name, stats in table.items():
