@@ -97,16 +97,24 @@ def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_
                                      trust_remote_code=trust_remote_code)
 
 
+def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, dtype: str, attn_implementation: str,
+                             trust_remote_code: bool = False) -> tuple[nn.Module, list[str]]:
+    """The base model with the settings' step tokens resolved, and embedding rows grown for any that had to be
+    added to the tokenizer. Returns (backbone, added tokens)."""
+    added = resolve_step_tokens(tokenizer, settings)
+    backbone = load_backbone(path, dtype, attn_implementation, trust_remote_code)
+    if added:
+        grow_embeddings(backbone, tokenizer)
+    return backbone, added
+
+
 def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     """Backbone + LoRA (+ trainable rows for added step tokens), as the config says."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     settings = config.encoding_settings()
-    added = resolve_step_tokens(tokenizer, settings)
-    backbone = load_backbone(config.model_name_or_path, config.torch_dtype, config.attn_implementation,
-                             config.trust_remote_code)
-    if added:
-        grow_embeddings(backbone, tokenizer)
+    backbone, added = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
+                                               config.attn_implementation, config.trust_remote_code)
     if config.gradient_checkpointing:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_model_name_or_path:
@@ -172,10 +180,7 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
     else:
         settings = EncodingSettings()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        added = resolve_step_tokens(tokenizer, settings)
-        model = load_backbone(path, dtype, attn_implementation, trust_remote_code)
-        if added:
-            grow_embeddings(model, tokenizer)
+        model, _ = load_backbone_with_steps(path, tokenizer, settings, dtype, attn_implementation, trust_remote_code)
         pooling = "last_step"
     if max_length:
         settings.query_max_length = settings.doc_max_length = max_length

@@ -149,10 +149,10 @@ def main() -> None:
     start = time.perf_counter()
     record_path = args.out / TRAINING_RECORD
     if not args.eval_only:
-        batch = args.batch or json.loads(BASE_CONFIG.read_text())["per_device_train_batch_size"]
-        record = {"steps": args.steps, "seeds": args.seeds, "global_batch": batch * args.nproc,
-                  "learning_rate": args.lr or json.loads(BASE_CONFIG.read_text())["learning_rate"],
-                  "overrides": dict(args.set),
+        shared = variant_config(args.variants[0], args.seeds[0], args, args.out)  # what every run has in common
+        record = {"steps": args.steps, "seeds": args.seeds,
+                  "global_batch": shared["per_device_train_batch_size"] * args.nproc,
+                  "learning_rate": shared["learning_rate"], "overrides": dict(args.set),
                   "train_seconds": train_all(args), "train_machine": machine_description()}
         record["train_wall_seconds"] = round(time.perf_counter() - start)
         record_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -39,7 +39,8 @@ def ablation_lines(result: dict) -> list[str]:
 def view_signal_lines(result: dict) -> list[str]:
     columns = list(next(iter(result["formats"].values())))
     lines = ["## Document views before training", "",
-             f"{result['rows']} queries against {result['candidates']} candidates, base model; "
+             f"{result['rows']} queries against {result['candidates']} candidates; the base model's formats, then "
+             "any trained runs; "
              f"command: `{result['command']}`", "",
              "| format | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, stats in result["formats"].items():

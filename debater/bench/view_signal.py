@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from data_pipeline.loader import left_pad
 from debater.bench.common import write_result
 from debater.losses import view_scores
-from debater.model import DebaterEncoder, grow_embeddings, load_backbone, load_encoder
-from debater.prompts import NUMBER_WORDS, EncodingSettings, TextFormatter, resolve_step_tokens
+from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
+from debater.prompts import NUMBER_WORDS, EncodingSettings, TextFormatter
 
 INSTRUCTION_FILE = "assets/data/debian/echo-data/datasets.json"  # the instruction training uses
 FORMATS = {
@@ -71,10 +71,7 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     settings = EncodingSettings(**fields, query_max_length=max_length, doc_max_length=max_length)
-    added = resolve_step_tokens(tokenizer, settings)
-    backbone = load_backbone(model_path, "float32", "sdpa")
-    if added:
-        grow_embeddings(backbone, tokenizer)
+    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa")
     return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
