@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debater.prompts import DEFAULT_PROMPT, EncodingSettings
+from debater.prompts import DEFAULT_PROMPT, STEP_TOKEN_INITS, EncodingSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class TrainConfig:
     cod_steps: int = 8
     deliberation_prompt: str = DEFAULT_PROMPT
     step_tokens: list[str] | None = None
+    step_token_init: str = "mean"  # rows of added step tokens: "mean" (around the mean row) or "eos" (EOS copies)
     loss_variant: str = "full"
     scale: float = 30.0
     cod_loss_weight: float = 0.5
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        if self.step_token_init not in STEP_TOKEN_INITS:
+            raise ConfigError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {self.step_token_init!r}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}")
         for name in ("per_device_train_batch_size", "negatives_per_query", "max_seq_length", "logging_steps",

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from debater.prompts import EncodingSettings, resolve_step_tokens
+from debater.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 
 log = logging.getLogger(__name__)
 ENCODER_FILE = "debater.json"
@@ -83,11 +83,19 @@ class DebaterEncoder(nn.Module):
         return self.encode_queries(query_ids, query_mask), self.encode_documents(doc_ids, doc_mask)
 
 
-def grow_embeddings(model, tokenizer) -> None:
-    """Add embedding rows for added step tokens, initialised reproducibly around the mean row."""
+def grow_embeddings(model, tokenizer, added: list[str], init: str = "mean") -> None:
+    """Add embedding rows for the added step tokens. ``mean``: drawn reproducibly around the mean row (a new
+    token the model has no use for yet); ``eos``: copies of the EOS row, the token whose final hidden state
+    vanilla training turns into an embedding (see README, "The ablation")."""
+    if init not in STEP_TOKEN_INITS:
+        raise ValueError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {init!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if init == "eos":
+        rows = model.get_input_embeddings().weight
+        with torch.no_grad():
+            rows[tokenizer.convert_tokens_to_ids(added)] = rows[tokenizer.eos_token_id].clone()
 
 
 def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_code: bool = False):
@@ -98,13 +106,13 @@ def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_
 
 
 def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, dtype: str, attn_implementation: str,
-                             trust_remote_code: bool = False) -> tuple[nn.Module, list[str]]:
+                             trust_remote_code: bool = False, step_token_init: str = "mean") -> tuple[nn.Module, list[str]]:
     """The base model with the settings' step tokens resolved, and embedding rows grown for any that had to be
     added to the tokenizer. Returns (backbone, added tokens)."""
     added = resolve_step_tokens(tokenizer, settings)
     backbone = load_backbone(path, dtype, attn_implementation, trust_remote_code)
     if added:
-        grow_embeddings(backbone, tokenizer)
+        grow_embeddings(backbone, tokenizer, added, step_token_init)
     return backbone, added
 
 
@@ -114,7 +122,8 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
 
     settings = config.encoding_settings()
     backbone, added = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
-                                               config.attn_implementation, config.trust_remote_code)
+                                               config.attn_implementation, config.trust_remote_code,
+                                               config.step_token_init)
     if config.gradient_checkpointing:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_model_name_or_path:

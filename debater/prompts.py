@@ -15,6 +15,7 @@ from typing import Sequence
 DOC_MODES = ("step_tokens", "last_k_tokens", "last_token")
 DEFAULT_PROMPT = "Use {k} words to represent the above text in multiple aspects:"
 MINICPM_FIRST_RESERVED = 12  # the released code uses <reserved_12> .. <reserved_19>
+STEP_TOKEN_INITS = ("mean", "eos")  # how the embedding rows of added step tokens start (model.grow_embeddings)
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                 "nine", "ten", "eleven", "twelve"]
 

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import reserved_tokenizer
 
 from data_pipeline.loader import left_pad
-from debater.config import TrainConfig
+from debater.config import ConfigError, TrainConfig
 from debater.losses import debater_loss
 from debater.model import build_training_encoder, load_encoder, lora_targets, save_encoder
 from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
@@ -301,6 +301,24 @@ def test_training_encoder_trains_lora_and_step_rows(tiny_model, tmp_path):
     debater_loss(queries, views, torch.arange(len(QUERIES)), "full").total.backward()
     assert tokens[0][1].grad is not None and tokens[0][1].grad.abs().sum(-1).gt(0).all()
     assert encoder.backbone.get_base_model().config.vocab_size == len(tokenizer)
+
+
+@pytest.mark.parametrize("init", ["mean", "eos"])
+def test_step_token_init_sets_where_the_added_rows_start(tiny_model, tmp_path, init):
+    tokenizer = _tokenizer(tiny_model)
+    encoder = build_training_encoder(_config(tiny_model, tmp_path, step_token_init=init), tokenizer)
+    embed = encoder.backbone.get_input_embeddings()
+    with torch.no_grad():
+        steps = embed(torch.tensor(tokenizer.convert_tokens_to_ids(encoder.settings.step_tokens)))
+        eos = embed(torch.tensor([tokenizer.eos_token_id]))
+    assert torch.equal(steps, eos.expand_as(steps)) == (init == "eos")
+    if init == "mean":  # drawn around the mean row: distinct from each other and from EOS
+        assert torch.cdist(steps, steps).fill_diagonal_(1).min() > 0
+
+
+def test_step_token_init_rejects_unknown_values(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="step_token_init"):
+        _config(tiny_model, tmp_path, step_token_init="zeros")
 
 
 def test_warm_start_from_an_adapter_without_step_rows_says_they_stay_untrained(tiny_model, tmp_path, caplog):
