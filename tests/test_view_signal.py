@@ -44,7 +44,7 @@ def rows() -> list[dict]:
     return read_rows(FIXTURES / "echo" / "tiny_retrieval.jsonl", count=6, stride=1)
 
 
-@pytest.mark.parametrize("name", ["eos", "steps_added", "steps_no_prompt"])
+@pytest.mark.parametrize("name", ["eos", "steps_added", "steps_no_prompt", "one_step", "steps_eos_init"])
 def test_batched_statistics_equal_one_text_at_a_time(tiny_model, name):
     encoder, tokenizer = base_encoder(str(tiny_model), FORMATS[name], max_length=32)
     batched = statistics(encoder, tokenizer, rows(), INSTRUCTION, SCALE)

@@ -8,7 +8,9 @@ training rows; the base model's formats (no LoRA):
 - ``last_k``: the last K input tokens (the SD-only ablation);
 - ``steps_added``: the deliberation prompt + K added ``<step_i>`` rows (full / CoD-only on SmolLM2);
 - ``steps_words``: the same prompt + K pretrained words ("one".."eight") as step tokens;
-- ``steps_no_prompt``: K added step rows right after the text, no prompt.
+- ``steps_no_prompt``: K added step rows right after the text, no prompt;
+- ``one_step``: one added step row right after the text (vanilla's format with a new token in place of EOS);
+- ``steps_eos_init`` / ``steps_eos_init_no_prompt``: the added rows start as copies of the EOS row.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ FORMATS = {
     "steps_added": {"doc_mode": "step_tokens"},
     "steps_words": {"doc_mode": "step_tokens", "step_tokens": NUMBER_WORDS[1:9]},
     "steps_no_prompt": {"doc_mode": "step_tokens", "deliberation_prompt": ""},
+    "one_step": {"doc_mode": "step_tokens", "cod_steps": 1, "deliberation_prompt": ""},
+    "steps_eos_init": {"doc_mode": "step_tokens", "step_token_init": "eos"},
+    "steps_eos_init_no_prompt": {"doc_mode": "step_tokens", "deliberation_prompt": "", "step_token_init": "eos"},
 }
 
 
@@ -70,8 +75,10 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    settings = EncodingSettings(**fields, query_max_length=max_length, doc_max_length=max_length)
-    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa")
+    settings = EncodingSettings(**{key: value for key, value in fields.items() if key != "step_token_init"},
+                                query_max_length=max_length, doc_max_length=max_length)
+    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa",
+                                           step_token_init=fields.get("step_token_init", "mean"))
     return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
