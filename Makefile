@@ -60,6 +60,7 @@ bench: assets
 	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
 	$(PY) -m debater.bench.view_signal --out $(BENCH)/view_signal.json
 	$(PY) -m debater.bench.ablation --out $(BENCH)/ablation
+	$(PY) -m debater.bench.ablation --variants vanilla cod_only full --seeds 42 7 --set step_token_init=eos --set deliberation_prompt= --out $(BENCH)/ablation-eos-steps
 	$(PY) -m debater.bench.report $(BENCH)
 
 tensorboard: setup

@@ -1,5 +1,6 @@
 """Gather the benchmark results under one folder into ``report.md``: each speed ratio with its command and
-machine, then the ablation table. Only results that exist are reported; nothing is filled in."""
+machine, then one table per ablation (``ablation*/ablation.json``). Only results that exist are reported;
+nothing is filled in."""
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def speed_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def ablation_lines(result: dict) -> list[str]:
-    lines = ["## Ablation on the Debian test subset", "",
+def ablation_lines(name: str, result: dict) -> list[str]:
+    overrides = ", ".join(f"{key}={value!r}" for key, value in result.get("overrides", {}).items())
+    lines = [f"## Ablation on the Debian test subset: {name}", "",
+             *([f"Config overrides: {overrides}.", ""] if overrides else []),
              f"{result['steps']} steps x global batch {result['global_batch']} per variant, "
              f"lr {result['learning_rate']}, seeds {result['seeds']}; {result['subset']['queries']} queries / "
              f"{result['subset']['corpus']} documents. "
@@ -50,10 +53,9 @@ def view_signal_lines(result: dict) -> list[str]:
 
 def build_report(folder: Path) -> str:
     results = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
-    ablation = folder / "ablation" / "ablation.json"
     lines = ["# Benchmark report", "", *speed_lines(results), ""]
-    if ablation.exists():
-        lines += ablation_lines(json.loads(ablation.read_text())) + [""]
+    for ablation in sorted(folder.glob("ablation*/ablation.json")):
+        lines += ablation_lines(ablation.parent.name, json.loads(ablation.read_text())) + [""]
     if "view_signal" in results:
         lines += view_signal_lines(results["view_signal"])
     return "\n".join(lines) + "\n"
