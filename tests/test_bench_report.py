@@ -41,3 +41,9 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
     assert report.count("Config overrides") == 1
     assert "| format | doc_doc_cosine | score_spread |" in report
     assert "| base eos | 0.909 | 1.78 |" in report
+
+
+def test_an_ablation_record_missing_a_field_is_named_not_a_crash(tmp_path):
+    write(tmp_path / "ablation" / "ablation.json", {"steps": 60, "seeds": [42], "scores": {}})
+    report = build_report(tmp_path)
+    assert "has no 'global_batch' field; rerun that ablation" in report

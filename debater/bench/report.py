@@ -55,7 +55,11 @@ def build_report(folder: Path) -> str:
     results = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
     lines = ["# Benchmark report", "", *speed_lines(results), ""]
     for ablation in sorted(folder.glob("ablation*/ablation.json")):
-        lines += ablation_lines(ablation.parent.name, json.loads(ablation.read_text())) + [""]
+        try:
+            lines += ablation_lines(ablation.parent.name, json.loads(ablation.read_text())) + [""]
+        except KeyError as missing:  # a record from an older version of the ablation
+            lines += [f"## Ablation: {ablation.parent.name}", "",
+                      f"not reported: {ablation} has no {missing} field; rerun that ablation", ""]
     if "view_signal" in results:
         lines += view_signal_lines(results["view_signal"])
     return "\n".join(lines) + "\n"
