@@ -75,10 +75,10 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    settings = EncodingSettings(**{key: value for key, value in fields.items() if key != "step_token_init"},
-                                query_max_length=max_length, doc_max_length=max_length)
-    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa",
-                                           step_token_init=fields.get("step_token_init", "mean"))
+    fields = dict(fields)
+    init = fields.pop("step_token_init", "mean")  # how added rows start; not an encoding setting
+    settings = EncodingSettings(**fields, query_max_length=max_length, doc_max_length=max_length)
+    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa", step_token_init=init)
     return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
