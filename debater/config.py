@@ -63,7 +63,9 @@ class TrainConfig:
     cod_steps: int = 8
     deliberation_prompt: str = DEFAULT_PROMPT
     step_tokens: list[str] | None = None
-    step_token_init: str = "mean"  # rows of added step tokens: "mean" (around the mean row) or "eos" (EOS copies)
+    step_token_init: str = "sampled"  # rows of added step tokens: "sampled" (vocabulary mean and covariance) or "eos"
+    train_step_rows: bool = False  # the released code keeps the step-token rows frozen and trains LoRA only
+    doc_body_max_length: int | None = None  # body tokens kept whatever the suffix costs (fair format comparisons)
     loss_variant: str = "full"
     scale: float = 30.0
     cod_loss_weight: float = 0.5
@@ -89,6 +91,8 @@ class TrainConfig:
                      "save_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.doc_body_max_length is not None and self.doc_body_max_length < 1:
+            raise ConfigError(f"doc_body_max_length must be >= 1 or null, got {self.doc_body_max_length}")
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("gradient_accumulation_steps must be 1: the contrastive loss needs the whole "
                               "global batch in one step; raise per_device_train_batch_size or add ranks instead")
@@ -101,6 +105,7 @@ class TrainConfig:
             step_tokens=list(self.step_tokens or []),
             query_max_length=self.query_max_length or self.max_seq_length,
             doc_max_length=self.max_seq_length,
+            doc_body_max_length=self.doc_body_max_length,
         )
 
     def to_dict(self) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from debater import checkpoint
 from debater.config import TrainConfig
-from debater.model import build_training_encoder, load_encoder, save_encoder, write_encoder_meta
+from debater.model import ENCODER_FILE, build_training_encoder, load_encoder, save_encoder, write_encoder_meta
 
 log = logging.getLogger(__name__)
 MERGED = "merged"
@@ -48,10 +48,17 @@ def export_checkpoint(source: Path, out: Path, merged: bool = False) -> Path:
     save_encoder(encoder, tokenizer, out, config.model_name_or_path, config.pooling_mode, config.trust_remote_code)
     log.info("adapter of %s exported to %s", tag_dir, out)
     if merged:
-        folded, folded_tokenizer, _ = load_encoder(str(out), dtype=config.torch_dtype)
-        folded.backbone.save_pretrained(out / MERGED)
-        folded_tokenizer.save_pretrained(out / MERGED)
-        write_encoder_meta(out / MERGED, folded.settings, config.model_name_or_path, config.pooling_mode,
-                           config.trust_remote_code, merged=True)
-        log.info("merged model written to %s", out / MERGED)
+        write_merged(out, config.torch_dtype)
     return out
+
+
+def write_merged(adapter_dir: Path, dtype: str) -> Path:
+    """``adapter_dir/merged``: the adapter (LoRA and step rows) folded into a plain Hugging Face model."""
+    meta = json.loads((adapter_dir / ENCODER_FILE).read_text())
+    folded, folded_tokenizer, pooling = load_encoder(str(adapter_dir), dtype=dtype)
+    folded.backbone.save_pretrained(adapter_dir / MERGED)
+    folded_tokenizer.save_pretrained(adapter_dir / MERGED)
+    write_encoder_meta(adapter_dir / MERGED, folded.settings, meta["base_model"], pooling,
+                       meta.get("trust_remote_code", False), merged=True)
+    log.info("merged model written to %s", adapter_dir / MERGED)
+    return adapter_dir / MERGED

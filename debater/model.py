@@ -16,6 +16,7 @@ from debater.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tok
 
 log = logging.getLogger(__name__)
 ENCODER_FILE = "debater.json"
+STEP_ROWS_FILE = "step_rows.safetensors"  # the step-token embedding rows used in training
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,19 +84,63 @@ class DebaterEncoder(nn.Module):
         return self.encode_queries(query_ids, query_mask), self.encode_documents(doc_ids, doc_mask)
 
 
-def grow_embeddings(model, tokenizer, added: list[str], init: str = "mean") -> None:
-    """Add embedding rows for the added step tokens. ``mean``: drawn reproducibly around the mean row (a new
-    token the model has no use for yet); ``eos``: copies of the EOS row, the token whose final hidden state
-    vanilla training turns into an embedding (see README, "The ablation")."""
+def vocabulary_draws(rows: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` rows drawn from a normal with the mean and covariance of ``rows`` (the real ones, unlike
+    transformers' ``mean_resizing``, which scales the covariance by 1e-9 and so gives near-identical rows).
+    Seeded, computed in float64 in chunks, so the same rows come back on every machine and load."""
+    mean = torch.zeros(rows.shape[1], dtype=torch.float64)
+    for chunk in rows.split(8192):
+        mean += chunk.double().sum(0)
+    mean /= rows.shape[0]
+    cov = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    for chunk in rows.split(8192):
+        centred = chunk.double() - mean
+        cov += centred.T @ centred
+    cov /= max(1, rows.shape[0] - 1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    root = eigenvectors * eigenvalues.clamp(min=0).sqrt()  # root @ root.T == cov
+    noise = torch.randn(count, rows.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return (mean + noise @ root.T).to(rows.dtype)
+
+
+def grow_embeddings(model, tokenizer, added: list[str], init: str = "sampled") -> None:
+    """Add embedding rows for the added step tokens. ``sampled``: distinct draws at the vocabulary's mean and
+    covariance (new tokens the model has no use for yet); ``eos``: copies of the EOS row, the token whose
+    final hidden state vanilla training turns into an embedding (see README, "The ablation")."""
     if init not in STEP_TOKEN_INITS:
         raise ValueError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {init!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    if init == "eos":
-        rows = model.get_input_embeddings().weight
-        with torch.no_grad():
-            rows[tokenizer.convert_tokens_to_ids(added)] = rows[tokenizer.eos_token_id].clone()
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = model.get_input_embeddings().weight
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(added))
+    with torch.no_grad():
+        if init == "eos":
+            weight[ids] = weight[tokenizer.eos_token_id].clone()
+        else:
+            weight[ids] = vocabulary_draws(weight[:old_rows].detach().cpu(), len(added)).to(weight.device)
+
+
+def step_rows(backbone: nn.Module, settings: EncodingSettings, tokenizer) -> dict[str, torch.Tensor]:
+    """The embedding rows the step tokens have right now (trained values included), with their ids."""
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(settings.step_tokens), dtype=torch.long)
+    embed = backbone.get_input_embeddings()
+    with torch.no_grad():
+        rows = embed(ids.to(embed.weight.device)).detach().cpu().contiguous()
+    return {"ids": ids, "rows": rows}
+
+
+def restore_step_rows(backbone: nn.Module, folder: Path) -> None:
+    """Write the rows saved with an adapter into the base model's embedding, bit for bit (the model must
+    already have room for them)."""
+    from safetensors.torch import load_file
+
+    path = folder / STEP_ROWS_FILE
+    if not path.exists():
+        return
+    saved = load_file(str(path))
+    weight = backbone.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[saved["ids"].to(weight.device)] = saved["rows"].to(weight.device, weight.dtype)
 
 
 def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_code: bool = False):
@@ -106,7 +151,7 @@ def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_
 
 
 def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, dtype: str, attn_implementation: str,
-                             trust_remote_code: bool = False, step_token_init: str = "mean") -> tuple[nn.Module, list[str]]:
+                             trust_remote_code: bool = False, step_token_init: str = "sampled") -> tuple[nn.Module, list[str]]:
     """The base model with the settings' step tokens resolved, and embedding rows grown for any that had to be
     added to the tokenizer. Returns (backbone, added tokens)."""
     added = resolve_step_tokens(tokenizer, settings)
@@ -117,34 +162,42 @@ def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, d
 
 
 def build_training_encoder(config, tokenizer) -> DebaterEncoder:
-    """Backbone + LoRA (+ trainable rows for added step tokens), as the config says."""
+    """Backbone + LoRA (+ trainable step-token rows when ``train_step_rows``), as the config says."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     settings = config.encoding_settings()
-    backbone, added = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
+    backbone, _ = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
                                                config.attn_implementation, config.trust_remote_code,
                                                config.step_token_init)
     if config.gradient_checkpointing:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.peft_model_name_or_path:
+        restore_step_rows(backbone, Path(config.peft_model_name_or_path))
         model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)
-        if added and not model.peft_config["default"].trainable_token_indices:
-            log.warning("%s trains no step-token rows (an adapter of another document format?): the %d added step "
-                        "tokens keep their initial embeddings", config.peft_model_name_or_path, len(added))
+        if settings.step_tokens and config.train_step_rows and not model.peft_config["default"].trainable_token_indices:
+            log.warning("%s trains no step-token rows (an adapter of another document format?): the %d step "
+                        "tokens keep their initial embeddings", config.peft_model_name_or_path,
+                        len(settings.step_tokens))
     else:
+        train_rows = settings.step_tokens and config.train_step_rows
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_target_modules or lora_targets(backbone),
-                          trainable_token_indices=tokenizer.convert_tokens_to_ids(added) if added else None)
+                          trainable_token_indices=tokenizer.convert_tokens_to_ids(settings.step_tokens)
+                          if train_rows else None)
         model = get_peft_model(backbone, lora)
     return DebaterEncoder(model, settings)
 
 
 def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str,
                  trust_remote_code: bool = False) -> None:
-    """Write the PEFT adapter, the tokenizer (with step tokens) and the encoding settings."""
+    """Write the PEFT adapter, the step-token rows, the tokenizer (with step tokens) and the encoding settings."""
+    from safetensors.torch import save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    # step-token rows travel as trainable-token values, so the resized embedding need not be saved whole
+    # the step rows are saved by themselves (trained or not), so the resized embedding need not be saved whole
     encoder.backbone.save_pretrained(out_dir, save_embedding_layers=False)
+    if encoder.settings.step_tokens:
+        save_file(step_rows(encoder.backbone, encoder.settings, tokenizer), str(out_dir / STEP_ROWS_FILE))
     tokenizer.save_pretrained(out_dir)
     write_encoder_meta(out_dir, encoder.settings, base_model, pooling, trust_remote_code)
 
@@ -184,6 +237,7 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
             backbone = load_backbone(meta["base_model"], dtype, attn_implementation, remote)
             if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
                 backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            restore_step_rows(backbone, folder)
             model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()
         pooling = meta["pooling"]
     else:

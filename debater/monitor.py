@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import logging
+import resource
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak so far: allocated GPU memory on CUDA, the process's resident set elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Monitor:

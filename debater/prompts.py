@@ -3,7 +3,9 @@ by preprocessing, training and inference alike.
 
 Query    = [BOS] instruction + " " + query, truncated, then EOS (embedding: last token).
 Document = [BOS] body truncated to fit, then a suffix that is never cut:
-           - "step_tokens":  deliberation prompt + K step tokens (CoD views = last K positions)
+           - "step_tokens":  " " + deliberation prompt + " " + K step tokens, tokenized as one string as the
+                             released code does (CoD views = last K positions); with an empty prompt the
+                             step tokens follow the body directly
            - "last_k_tokens": EOS, views = last K positions (the SD-only ablation)
            - "last_token":   EOS, one view (the vanilla ablation)
 """
@@ -15,7 +17,12 @@ from typing import Sequence
 DOC_MODES = ("step_tokens", "last_k_tokens", "last_token")
 DEFAULT_PROMPT = "Use {k} words to represent the above text in multiple aspects:"
 MINICPM_FIRST_RESERVED = 12  # the released code uses <reserved_12> .. <reserved_19>
-STEP_TOKEN_INITS = ("mean", "eos")  # how the embedding rows of added step tokens start (model.grow_embeddings)
+STEP_TOKEN_INITS = ("sampled", "eos")  # how the embedding rows of added step tokens start (model.grow_embeddings)
+# Code-markup special tokens of StarCoder-style tokenizers (SmolLM2 ids 3..16): single ids that retrieval text
+# never contains, so they can serve as step tokens the way the released code uses MiniCPM's reserved rows.
+CODE_MARKUP_TOKENS = ("<repo_name>", "<reponame>", "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>",
+                      "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+                      "<jupyter_output>", "<jupyter_script>", "<empty_output>")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                 "nine", "ten", "eleven", "twelve"]
 
@@ -30,12 +37,17 @@ class EncodingSettings:
     step_tokens: list[str] = field(default_factory=list)  # filled by resolve_step_tokens
     query_max_length: int = 512
     doc_max_length: int = 512
+    # body tokens kept (BOS included) whatever the suffix costs: documents are then body + suffix long.
+    # None: the body gets what doc_max_length leaves after the suffix. Set it to compare formats fairly.
+    doc_body_max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.doc_mode not in DOC_MODES:
             raise ValueError(f"doc_mode must be one of {DOC_MODES}, got {self.doc_mode!r}")
         if self.cod_steps < 1:
             raise ValueError("cod_steps must be >= 1")
+        if self.doc_body_max_length is not None and self.doc_body_max_length < 1:
+            raise ValueError("doc_body_max_length must be >= 1")
 
     @property
     def num_views(self) -> int:
@@ -57,12 +69,24 @@ def _single_id(tokenizer, token: str) -> int | None:
     return ids[0] if encoded == [ids[0]] else None
 
 
+def existing_step_candidates(k: int) -> list[list[str]]:
+    """Families of existing tokens that no ordinary text produces, in order of preference: MiniCPM's
+    ``<reserved_12>``.. (the released code's choice), Llama 3's and Gemma's reserved rows, then StarCoder-style
+    code markup (SmolLM2)."""
+    families = [[f"<reserved_{MINICPM_FIRST_RESERVED + i}>" for i in range(k)],
+                [f"<|reserved_special_token_{i}|>" for i in range(k)],
+                [f"<unused{i}>" for i in range(k)]]
+    if k <= len(CODE_MARKUP_TOKENS):
+        families.append(list(CODE_MARKUP_TOKENS[:k]))
+    return families
+
+
 def resolve_step_tokens(tokenizer, settings: EncodingSettings) -> list[str]:
     """Pick K step tokens and make sure each is exactly one id.
 
-    Configured tokens win; else MiniCPM's ``<reserved_12>``.. when the
-    tokenizer has them; else dedicated ``<step_i>`` special tokens are added to
-    the tokenizer (the caller must resize the embeddings and train those rows).
+    Configured tokens win; else the first family of existing reserved or unused tokens the tokenizer has
+    whole (``existing_step_candidates``), as the released code uses MiniCPM's reserved rows; else dedicated
+    ``<step_i>`` special tokens are added to the tokenizer (the caller must grow the embeddings).
     Returns the tokens that had to be added.
     """
     if settings.doc_mode != "step_tokens":
@@ -74,9 +98,9 @@ def resolve_step_tokens(tokenizer, settings: EncodingSettings) -> list[str]:
             raise ValueError(f"step_tokens has {len(settings.step_tokens)} entries but cod_steps is {k}")
         wanted = list(settings.step_tokens)
     else:
-        reserved = [f"<reserved_{MINICPM_FIRST_RESERVED + i}>" for i in range(k)]
-        wanted = reserved if all(_single_id(tokenizer, t) is not None for t in reserved) else [
-            f"<step_{i + 1}>" for i in range(k)]
+        usable = [family for family in existing_step_candidates(k)
+                  if all(_single_id(tokenizer, t) is not None for t in family)]
+        wanted = usable[0] if usable else [f"<step_{i + 1}>" for i in range(k)]
     missing = [t for t in wanted if _single_id(tokenizer, t) is None]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
@@ -87,6 +111,21 @@ def resolve_step_tokens(tokenizer, settings: EncodingSettings) -> list[str]:
         raise ValueError(f"step tokens {wanted} are not {k} distinct ids")
     settings.step_tokens = wanted
     return missing
+
+
+def step_suffix(tokenizer, settings: EncodingSettings) -> list[int]:
+    """Ids of the deliberation suffix. The released code appends the string
+    `` Use eight words ... aspects: <reserved_12><reserved_13>..`` to the text, so there is a space between
+    the colon and the first step token; it is tokenized here as one string the same way."""
+    steps = tokenizer.convert_tokens_to_ids(settings.step_tokens)
+    prompt = settings.prompt_text()
+    if not prompt:  # the step tokens follow the text directly
+        return steps
+    ids = tokenizer(f" {prompt} " + "".join(settings.step_tokens), add_special_tokens=False).input_ids
+    if ids[-len(steps):] != steps:
+        raise ValueError(f"the step tokens {settings.step_tokens} do not stay single ids after the prompt "
+                         f"{prompt!r} (got ids {ids[-len(steps):]}, expected {steps})")
+    return ids
 
 
 class TextFormatter:
@@ -101,15 +140,14 @@ class TextFormatter:
         if settings.doc_mode == "step_tokens":
             if len(settings.step_tokens) != settings.cod_steps:
                 raise ValueError("call resolve_step_tokens before building a TextFormatter")
-            prompt = settings.prompt_text()  # may be empty: the step tokens then follow the text directly
-            prompt_ids = tokenizer(" " + prompt, add_special_tokens=False).input_ids if prompt else []
-            self.doc_suffix = prompt_ids + tokenizer.convert_tokens_to_ids(settings.step_tokens)
+            self.doc_suffix = step_suffix(tokenizer, settings)
         else:
             self.doc_suffix = [self.eos_id]
-        if len(self.doc_suffix) >= settings.doc_max_length:
+        if settings.doc_body_max_length is None and len(self.doc_suffix) >= settings.doc_max_length:
             raise ValueError(
                 f"doc_max_length={settings.doc_max_length} leaves no room for the document body "
                 f"(the suffix alone is {len(self.doc_suffix)} tokens)")
+        self.body_budget = settings.doc_body_max_length or settings.doc_max_length - len(self.doc_suffix)
 
     def _encode(self, texts: Sequence[str], budget: int) -> list[list[int]]:
         """Ids with special tokens, truncated to ``budget``. A fast tokenizer's Rust backend is called
@@ -127,5 +165,4 @@ class TextFormatter:
         return [ids + [self.eos_id] for ids in self._encode(joined, self.settings.query_max_length - 1)]
 
     def documents(self, texts: Sequence[str]) -> list[list[int]]:
-        budget = self.settings.doc_max_length - len(self.doc_suffix)
-        return [ids + self.doc_suffix for ids in self._encode(texts, budget)]
+        return [ids + self.doc_suffix for ids in self._encode(texts, self.body_budget)]

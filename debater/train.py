@@ -25,7 +25,7 @@ from debater import checkpoint, distributed
 from debater.config import TrainConfig
 from debater.losses import debater_loss
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
-from debater.monitor import Monitor
+from debater.monitor import Monitor, peak_memory_mb
 
 log = logging.getLogger(__name__)
 WEIGHTS_BY_RANK = "weights_by_rank.json"
@@ -126,6 +126,9 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     engine, _, _, scheduler = deepspeed.initialize(
         model=encoder, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, len(plan))))
+    # from_pretrained returns a model in eval mode: without this, gradient checkpointing never recomputes
+    # (transformers checks self.training) and LoRA dropout is off whatever the config says
+    engine.train()
     ckpt_dir = output_dir / "checkpoints"
     step, next_batch = 0, 0
     if config.resume_from_checkpoint:
@@ -211,7 +214,8 @@ def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch
                            "train/grad_norm": grad_norm,
                            "speed/tokens_per_s": window["tokens"] / elapsed,
                            "speed/samples_per_s": window["samples"] / elapsed,
-                           "data/padding_fraction": 1.0 - window["tokens"] / window["slots"]})
+                           "data/padding_fraction": 1.0 - window["tokens"] / window["slots"],
+                           "memory/peak_mb": peak_memory_mb(engine.device)})
             monitor.scalars(step, values)
             monitor.histogram(step, "train/best_step_for_positive", torch.cat(best_views), views.shape[1])
             bar.set_postfix(loss=f"{values['loss/total']:.3f}", acc=f"{values['train/in_batch_top1']:.2f}")

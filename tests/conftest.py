@@ -21,18 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def build_tiny_model(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A Llama with random weights and a word-level tokenizer that adds BOS, saved as an HF folder."""
+def build_tiny_model(folder: Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0,
+                     reserved: int = 0) -> Path:
+    """A Llama with random weights and a word-level tokenizer that adds BOS, saved as an HF folder;
+    ``reserved``: the tokenizer also owns ``<reserved_0>``.. as single special tokens, as MiniCPM's does."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
+    reserved_tokens = [f"<reserved_{i}>" for i in range(reserved)]
     words = sorted({w for t in texts for w in pre_tokenizers.Whitespace().pre_tokenize_str(t) for w in [w[0]]})
-    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    vocab = {tok: i for i, tok in enumerate(specials + reserved_tokens + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    core.add_special_tokens(reserved_tokens)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
                                         pad_token="</s>", unk_token="<unk>")
     torch.manual_seed(seed)
@@ -59,6 +63,12 @@ def fixture_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), fixture_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny_reserved_model(tmp_path_factory) -> Path:
+    """The tiny Llama whose tokenizer has ``<reserved_0..19>``: step tokens are existing rows, as on MiniCPM."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-reserved"), fixture_texts(), reserved=20)
 
 
 def training_env() -> dict:
@@ -91,13 +101,14 @@ def run_launcher(command: list[str], env: dict, timeout: float) -> subprocess.Co
 
 
 def launch_training(config: dict, config_path: Path, port: int, nproc: int = 2, script: Path | None = None,
-                    env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+                    env: dict | None = None, timeout: float = 600,
+                    ds_config: str = "zero2_cpu.json") -> subprocess.CompletedProcess:
     """Write ``config`` and train it with the deepspeed launcher on ``nproc`` CPU ranks
     (``script`` in place of ``-m debater``, ``env`` added to the ranks' environment)."""
     config_path.write_text(json.dumps(config))
     entry = ["--module", "debater"] if script is None else [str(script)]
     command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), *entry, "train",
-               str(config_path), "--deepspeed", str(ROOT / "ds_configs" / "zero2_cpu.json")]
+               str(config_path), "--deepspeed", str(ROOT / "ds_configs" / ds_config)]
     return run_launcher(command, {**training_env(), **(env or {})}, timeout)
 
 
@@ -143,12 +154,12 @@ def interrupted_run(tiny_model, tmp_path_factory) -> InterruptedRun:
     return InterruptedRun(run, crashed, latest, tags, resumed)
 
 
-def reserved_tokenizer(reserved_count: int, words: tuple[str, ...] = ("hello", "world")):
-    """A word-level tokenizer that, like MiniCPM's, owns <reserved_0>.. as single (special) tokens."""
+def reserved_tokenizer(reserved_count: int, words: tuple[str, ...] = ("hello", "world"), extra: tuple[str, ...] = ()):
+    """A word-level tokenizer that, like MiniCPM's, owns <reserved_0>.. (and ``extra``) as single special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    reserved = [f"<reserved_{i}>" for i in range(reserved_count)]
+    reserved = [f"<reserved_{i}>" for i in range(reserved_count)] + list(extra)
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *reserved, *words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -276,7 +276,7 @@ def _perturb_trainables(encoder, seed: int = 0) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-def test_training_encoder_trains_lora_and_step_rows(tiny_model, tmp_path):
+def test_training_encoder_trains_lora_only_by_default(tiny_model, tmp_path):
     tokenizer = _tokenizer(tiny_model)
     encoder = build_training_encoder(_config(tiny_model, tmp_path), tokenizer)
     from peft import PeftModel
@@ -288,11 +288,18 @@ def test_training_encoder_trains_lora_and_step_rows(tiny_model, tmp_path):
     for layer in range(2):
         for name in LLAMA_LINEAR:
             assert any(f"layers.{layer}." in n and f".{name}.lora_A" in n for n in lora), (layer, name)
+    assert set(trainable) == set(lora)  # base weights and step rows stay frozen, as in the released code
+    assert encoder.settings.step_tokens == [f"<step_{i}>" for i in range(1, 9)]
+    assert encoder.backbone.get_base_model().config.vocab_size == len(tokenizer)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_reserved_model"])
+def test_train_step_rows_trains_the_step_rows(model, tmp_path, request):
+    folder = request.getfixturevalue(model)
+    tokenizer = _tokenizer(folder)
+    encoder = build_training_encoder(_config(folder, tmp_path, train_step_rows=True), tokenizer)
     tokens = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     assert len(tokens) == 1 and tokens[0][1].shape[0] == 8
-    assert set(trainable) == set(lora) | {tokens[0][0]}  # base weights stay frozen
-    assert encoder.settings.step_tokens == [f"<step_{i}>" for i in range(1, 9)]
-    # the step rows (and only they) receive gradient
     formatter = TextFormatter(tokenizer, encoder.settings)
     _perturb_trainables(encoder)
     encoder.train()
@@ -300,20 +307,34 @@ def test_training_encoder_trains_lora_and_step_rows(tiny_model, tmp_path):
     queries, views = encoder(qi, qm, di, dm)
     debater_loss(queries, views, torch.arange(len(QUERIES)), "full").total.backward()
     assert tokens[0][1].grad is not None and tokens[0][1].grad.abs().sum(-1).gt(0).all()
-    assert encoder.backbone.get_base_model().config.vocab_size == len(tokenizer)
 
 
-@pytest.mark.parametrize("init", ["mean", "eos"])
+@pytest.mark.parametrize("init", ["sampled", "eos"])
 def test_step_token_init_sets_where_the_added_rows_start(tiny_model, tmp_path, init):
     tokenizer = _tokenizer(tiny_model)
     encoder = build_training_encoder(_config(tiny_model, tmp_path, step_token_init=init), tokenizer)
     embed = encoder.backbone.get_input_embeddings()
+    vocabulary = embed.weight[:len(tokenizer) - 8].detach()
     with torch.no_grad():
         steps = embed(torch.tensor(tokenizer.convert_tokens_to_ids(encoder.settings.step_tokens)))
         eos = embed(torch.tensor([tokenizer.eos_token_id]))
     assert torch.equal(steps, eos.expand_as(steps)) == (init == "eos")
-    if init == "mean":  # drawn around the mean row: distinct from each other and from EOS
-        assert torch.cdist(steps, steps).fill_diagonal_(1).min() > 0
+    if init == "sampled":  # distinct draws, as far apart as real rows are (not mean_resizing's 1e-9 covariance)
+        step_gap = torch.pdist(steps).mean()
+        vocab_gap = torch.pdist(vocabulary).mean()
+        assert 0.6 < float(step_gap / vocab_gap) < 1.6, (step_gap, vocab_gap)
+
+
+def test_sampled_rows_follow_the_vocabulary_covariance():
+    from debater.model import vocabulary_draws
+
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=gen)
+    rows = torch.randn(20000, 6, generator=gen) @ mixing + 3.0
+    draws = vocabulary_draws(rows, 20000, seed=1)
+    torch.testing.assert_close(draws.mean(0), rows.mean(0), atol=0.15, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), torch.cov(rows.T), atol=0.1 * torch.cov(rows.T).abs().max(), rtol=0)
+    assert torch.equal(vocabulary_draws(rows, 4, seed=1), vocabulary_draws(rows, 4, seed=1))
 
 
 def test_step_token_init_rejects_unknown_values(tiny_model, tmp_path):
@@ -325,16 +346,17 @@ def test_warm_start_from_an_adapter_without_step_rows_says_they_stay_untrained(t
     vanilla = build_training_encoder(_config(tiny_model, tmp_path, loss_variant="vanilla", pooling_mode="last_token"),
                                      _tokenizer(tiny_model))
     save_encoder(vanilla, _tokenizer(tiny_model), tmp_path / "vanilla", str(tiny_model), "last_token")
-    full = build_training_encoder(_config(tiny_model, tmp_path / "full"), _tokenizer(tiny_model))
+    full = build_training_encoder(_config(tiny_model, tmp_path / "full", train_step_rows=True), _tokenizer(tiny_model))
     save_encoder(full, _tokenizer(tiny_model), tmp_path / "full-adapter", str(tiny_model), "last_step")
     with caplog.at_level(logging.WARNING, logger="debater.model"):
-        full_config = _config(tiny_model, tmp_path, peft_model_name_or_path=str(tmp_path / "full-adapter"))
+        full_config = _config(tiny_model, tmp_path, train_step_rows=True,
+                              peft_model_name_or_path=str(tmp_path / "full-adapter"))
         resumed = build_training_encoder(full_config, _tokenizer(tiny_model))
     assert not [r for r in caplog.records if r.name == "debater.model"]
     assert any("trainable_tokens" in n for n, p in resumed.named_parameters() if p.requires_grad)
     with caplog.at_level(logging.WARNING, logger="debater.model"):
-        warm = build_training_encoder(_config(tiny_model, tmp_path, peft_model_name_or_path=str(tmp_path / "vanilla")),
-                                      _tokenizer(tiny_model))
+        warm = build_training_encoder(_config(tiny_model, tmp_path, train_step_rows=True,
+                                              peft_model_name_or_path=str(tmp_path / "vanilla")), _tokenizer(tiny_model))
     ours = [r.getMessage() for r in caplog.records if r.name == "debater.model"]
     assert len(ours) == 1 and "keep their initial embeddings" in ours[0]
     assert not any("trainable_tokens" in n for n, p in warm.named_parameters() if p.requires_grad)

@@ -6,8 +6,8 @@ alike (doc-doc cosine near 1, score spread near 0); a run that learns spreads th
 training rows; the base model's formats (no LoRA):
 - ``eos``: the vanilla view (the EOS after the text);
 - ``last_k``: the last K input tokens (the SD-only ablation);
-- ``steps_added``: the deliberation prompt + K added ``<step_i>`` rows (full / CoD-only on SmolLM2);
-- ``steps_words``: the same prompt + K pretrained words ("one".."eight") as step tokens;
+- ``steps_existing``: the deliberation prompt + K existing special tokens (SmolLM2's code markup), the default;
+- ``steps_added``: the same prompt + K added ``<step_i>`` rows drawn at the vocabulary covariance;
 - ``steps_no_prompt``: K added step rows right after the text, no prompt;
 - ``one_step``: one added step row right after the text (vanilla's format with a new token in place of EOS);
 - ``steps_eos_init`` / ``steps_eos_init_no_prompt``: the added rows start as copies of the EOS row.
@@ -26,18 +26,20 @@ from data_pipeline.loader import left_pad
 from debater.bench.common import write_result
 from debater.losses import view_scores
 from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
-from debater.prompts import NUMBER_WORDS, EncodingSettings, TextFormatter
+from debater.prompts import EncodingSettings, TextFormatter
 
 INSTRUCTION_FILE = "assets/data/debian/echo-data/datasets.json"  # the instruction training uses
+ADDED = [f"<step_{i}>" for i in range(1, 9)]
 FORMATS = {
     "eos": {"doc_mode": "last_token"},
     "last_k": {"doc_mode": "last_k_tokens"},
-    "steps_added": {"doc_mode": "step_tokens"},
-    "steps_words": {"doc_mode": "step_tokens", "step_tokens": NUMBER_WORDS[1:9]},
-    "steps_no_prompt": {"doc_mode": "step_tokens", "deliberation_prompt": ""},
-    "one_step": {"doc_mode": "step_tokens", "cod_steps": 1, "deliberation_prompt": ""},
-    "steps_eos_init": {"doc_mode": "step_tokens", "step_token_init": "eos"},
-    "steps_eos_init_no_prompt": {"doc_mode": "step_tokens", "deliberation_prompt": "", "step_token_init": "eos"},
+    "steps_existing": {"doc_mode": "step_tokens"},
+    "steps_added": {"doc_mode": "step_tokens", "step_tokens": ADDED},
+    "steps_no_prompt": {"doc_mode": "step_tokens", "step_tokens": ADDED, "deliberation_prompt": ""},
+    "one_step": {"doc_mode": "step_tokens", "step_tokens": ADDED[:1], "cod_steps": 1, "deliberation_prompt": ""},
+    "steps_eos_init": {"doc_mode": "step_tokens", "step_tokens": ADDED, "step_token_init": "eos"},
+    "steps_eos_init_no_prompt": {"doc_mode": "step_tokens", "step_tokens": ADDED, "deliberation_prompt": "",
+                                 "step_token_init": "eos"},
 }
 
 
@@ -76,7 +78,7 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     fields = dict(fields)
-    init = fields.pop("step_token_init", "mean")  # how added rows start; not an encoding setting
+    init = fields.pop("step_token_init", "sampled")  # how added rows start; not an encoding setting
     settings = EncodingSettings(**fields, query_max_length=max_length, doc_max_length=max_length)
     backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa", step_token_init=init)
     return DebaterEncoder(backbone, settings).eval(), tokenizer
