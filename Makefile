@@ -52,15 +52,16 @@ demo: assets
 test: setup
 	$(PY) -m pytest tests
 
-# long-running: the speed ratios of every issue, then the four-variant ablation (see README)
+# long-running (hours on 2 CPU cores): the speed ratios, checkpointing memory, then the ablation (see README)
 bench: assets
 	$(PY) -m debater.bench.preprocess --memory --out $(BENCH)/preprocess.json
 	$(PY) -m debater.bench.train_step --out $(BENCH)/train_step.json
 	$(PY) -m debater.bench.trainer --out $(BENCH)/trainer.json
 	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
 	$(PY) -m debater.bench.view_signal --out $(BENCH)/view_signal.json
-	$(PY) -m debater.bench.ablation --out $(BENCH)/ablation
-	$(PY) -m debater.bench.ablation --variants vanilla cod_only full --seeds 42 7 --set step_token_init=eos --set deliberation_prompt= --out $(BENCH)/ablation-eos-steps
+	$(PY) -m debater.bench.checkpointing_memory --out $(BENCH)/checkpointing_memory
+	$(PY) -m debater.bench.ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
+	$(PY) -m debater.bench.ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation
 	$(PY) -m debater.bench.report $(BENCH)
 
 tensorboard: setup

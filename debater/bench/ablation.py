@@ -1,27 +1,44 @@
-"""The paper's ablation at small scale: the four loss variants trained with the same steps, batch,
-learning rate and seed on the embedded default, each evaluated on the Debian test set, next to the
-untrained base model and MiniLM zero-shot. Training goes through the same launcher as ``make train``.
+"""The paper's ablation at small scale: the loss variants (and the EOS-initialised no-prompt setting) trained
+with the same steps, batch, learning rate, seeds and document body tokens on the embedded default, each
+checkpoint of interest evaluated on the Debian test subset with its per-step analysis, next to the untrained
+base model and MiniLM zero-shot. Training goes through the same launcher as ``make train``.
 
-Training and evaluation can run on different machines: ``--skip-eval`` trains (e.g. on a GPU) and
-records ``training.json``; ``--eval-only`` evaluates the run folders found under ``--out``."""
+It can run in parts: a finished run is skipped, an interrupted one resumes from its latest checkpoint (resume
+is exact), and several invocations may fill one ``--out`` folder (e.g. three seeds of two arms, then one seed
+of the others). Training and evaluation can run on different machines: ``--skip-eval`` trains (e.g. on a GPU);
+``--eval-only`` exports and evaluates what is under ``--out``."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from debater.bench.common import machine_description, write_result
+from debater.prompts import DEFAULT_PROMPT
 
-VARIANTS = ("vanilla", "sd_only", "cod_only", "full")
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
 BASE_MODEL = "assets/models/smollm2-135m"
 TEST_SET = "assets/data/debian/test"
 TRAIN_DATA = "assets/data/debian/echo-data"  # raw: each run preprocesses it for its own document format
 TRAINING_RECORD = "training.json"
+LEFT_PLATEAU_TOP1 = 0.5  # a run has left the ln N plateau at the first logged window with in-batch top-1 above this
+# The paper's document format as the released code builds it: prompt, then existing frozen rows as step tokens.
+PAPER_FORMAT = {"step_tokens": None, "step_token_init": "sampled", "deliberation_prompt": DEFAULT_PROMPT,
+                "train_step_rows": False}
+ARMS = {
+    "vanilla": {"loss_variant": "vanilla", "pooling_mode": "last_token"},
+    "sd_only": {"loss_variant": "sd_only"},
+    "cod_only": {"loss_variant": "cod_only"},
+    "full": {"loss_variant": "full"},
+    # the setting that leaves the plateau soonest here (README): added rows started as EOS copies, trained, no prompt
+    "full_eos_no_prompt": {"loss_variant": "full", "step_tokens": [f"<step_{i}>" for i in range(1, 9)],
+                           "step_token_init": "eos", "deliberation_prompt": "", "train_step_rows": True},
+}
 
 
 def minilm_folder() -> str:
@@ -34,14 +51,15 @@ def minilm_folder() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-def variant_config(variant: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    """The demo config with only what the ablation varies or fixes for every variant."""
+def arm_config(arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    """The demo config with the arm's document format and loss, and what the ablation fixes for every arm."""
     config = json.loads(BASE_CONFIG.read_text())
-    config.update({"output_dir": str(out), "dataset_file_path": TRAIN_DATA, "loss_variant": variant, "seed": seed,
+    config.update(PAPER_FORMAT)
+    config.update(ARMS[arm])
+    config.update({"output_dir": str(out), "dataset_file_path": TRAIN_DATA, "seed": seed,
                    "stop_after_n_steps": args.steps, "save_steps": args.save_every or args.steps,
-                   "logging_steps": max(1, args.steps // 20),
-                   "pooling_mode": "last_token" if variant == "vanilla" else "last_step"})
-    if args.save_every:  # keep every checkpoint: a run cut short can still be compared at a common step
+                   "logging_steps": 5, "doc_body_max_length": args.body})
+    if args.save_every:  # keep every checkpoint: runs are compared at several steps
         config["save_total_limit"] = args.steps // args.save_every + 1
     for key, value in (("per_device_train_batch_size", args.batch), ("learning_rate", args.lr),
                        ("warmup_steps", args.warmup), ("torch_dtype", args.dtype)):
@@ -63,28 +81,32 @@ def config_override(text: str) -> tuple[str, object]:
 
 
 def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
-    """Launch one variant through launch/single_node.sh (its log goes next to its run folder)."""
+    """Launch one run through launch/single_node.sh (its log goes next to its run folder), resuming it when an
+    earlier invocation left checkpoints."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "checkpoints" / "latest").exists():
+        config = {**config, "resume_from_checkpoint": "latest"}
     config_path = out.parent / f"{out.name}.json"
     config_path.write_text(json.dumps(config, indent=2))
     env = dict(os.environ, MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy of the handle
+    with open(out.parent / f"{out.name}.log", "a") as log:  # the child keeps its own copy of the handle
         return subprocess.Popen(["launch/single_node.sh", str(config_path), str(nproc)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
 def train_all(args: argparse.Namespace) -> dict:
-    """Train every (seed, variant), ``--jobs`` at a time; returns each run's wall seconds."""
-    pending = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    """Train every (seed, arm) not finished yet, ``--jobs`` at a time; returns each run's wall seconds."""
+    pending = [(seed, arm) for seed in args.seeds for arm in args.arms
+               if not (args.out / f"{arm}-seed{seed}" / "adapter").exists()]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     seconds, failed = {}, []
     port = 29700
     while pending or running:
         while pending and len(running) < args.jobs:
-            seed, variant = pending.pop(0)
-            run = args.out / f"{variant}-seed{seed}"
-            running[run.name] = (start_training(variant_config(variant, seed, args, run), args.nproc, port),
+            seed, arm = pending.pop(0)
+            run = args.out / f"{arm}-seed{seed}"
+            running[run.name] = (start_training(arm_config(arm, seed, args, run), args.nproc, port),
                                  time.perf_counter())
             port += 1
         time.sleep(2)
@@ -100,15 +122,34 @@ def train_all(args: argparse.Namespace) -> dict:
     return seconds
 
 
-def trained_runs(folder: Path) -> list[str]:
-    runs = sorted(str(path.parent) for path in folder.glob("*-seed*/adapter"))
-    if not runs:
-        raise SystemExit(f"no trained runs (<variant>-seed<seed>/adapter) under {folder}")
-    return runs
+def left_plateau_at(run: Path) -> int | None:
+    """The first logged step whose window mean of in-batch top-1 exceeds LEFT_PLATEAU_TOP1 (None: never)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    top1: dict[int, float] = {}
+    for events_file in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
+        if "train/in_batch_top1" in events.Tags()["scalars"]:
+            top1.update({e.step: e.value for e in events.Scalars("train/in_batch_top1")})
+    return next((step for step in sorted(top1) if top1[step] > LEFT_PLATEAU_TOP1), None)
+
+
+def exported_checkpoints(run: Path, steps: list[int]) -> dict[int, str]:
+    """step -> an exported adapter of the run's checkpoint at that step (exported once, then reused)."""
+    exports = {}
+    for step in steps:
+        source, out = run / "checkpoints" / f"step-{step}", run / "exports" / f"step-{step}"
+        if not source.exists():
+            continue
+        if not (out / "debater.json").exists():
+            subprocess.run([sys.executable, "-m", "debater", "export", "--checkpoint", str(source), "--out", str(out)],
+                           check=True)
+        exports[step] = str(out)
+    return exports
 
 
 def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) -> dict:
-    command = [sys.executable, "-m", "debater", "eval", "--tasks", TEST_SET, "--out", str(out),
+    command = [sys.executable, "-m", "debater", "eval", "--tasks", TEST_SET, "--out", str(out), "--per-step",
                "--max-queries", str(max_queries), "--max-corpus", str(max_corpus), "--max-length", "64"]
     for model in models:
         command += ["--model", model]
@@ -116,20 +157,30 @@ def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) ->
     return json.loads((out / "results.json").read_text())["results"]
 
 
-def score_table(results: dict, runs: list[str]) -> dict:
-    def label(model: str) -> str:
-        if model in runs:
-            return Path(model).name
-        return "MiniLM-L6 (zero-shot)" if "minilm" in model else "SmolLM2-135M base (untrained)"
+def spread(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.stdev(values), 4) if len(values) > 1
+            else None, "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
 
-    return {label(model): next(iter(entry["scores"].values())) for model, entry in results.items()}
+
+def summarise(scores: dict[str, dict], plateau: dict[str, int | None]) -> dict:
+    """Per arm and step: nDCG@10 mean, sample std, min, max over seeds, and when each seed left the plateau."""
+    grouped: dict[str, dict[int, list[float]]] = {}
+    for label, entry in scores.items():
+        if "@" in label:
+            run, step = label.split("@")
+            grouped.setdefault(run.split("-seed")[0], {}).setdefault(int(step), []).append(entry["ndcg_at_10"])
+    return {arm: {"ndcg_at_10": {step: spread(values) for step, values in sorted(by_step.items())},
+                  "left_plateau_at": {run: step for run, step in plateau.items() if run.split("-seed")[0] == arm}}
+            for arm, by_step in grouped.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--body", type=int, default=44,
+                        help="document body tokens (BOS included) every arm keeps, whatever its suffix costs")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per training run")
     parser.add_argument("--batch", type=int, help="per-device batch (default: the demo config's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the demo config's)")
@@ -138,7 +189,9 @@ def main() -> None:
     parser.add_argument("--set", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                         help="any other training config key, for diagnostics (e.g. scale=60)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (a large GPU fits several)")
-    parser.add_argument("--save-every", type=int, help="checkpoint interval (default: only the last step)")
+    parser.add_argument("--save-every", type=int, default=60, help="checkpoint interval; every one is kept")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[60, 120, 240],
+                        help="checkpoints to evaluate (those that exist)")
     parser.add_argument("--max-queries", type=int, default=200)
     parser.add_argument("--max-corpus", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ablation"))
@@ -149,26 +202,35 @@ def main() -> None:
     start = time.perf_counter()
     record_path = args.out / TRAINING_RECORD
     if not args.eval_only:
-        shared = variant_config(args.variants[0], args.seeds[0], args, args.out)  # what every run has in common
-        record = {"steps": args.steps, "seeds": args.seeds,
-                  "global_batch": shared["per_device_train_batch_size"] * args.nproc,
-                  "learning_rate": shared["learning_rate"], "overrides": dict(args.set),
-                  "train_seconds": train_all(args), "train_machine": machine_description()}
-        record["train_wall_seconds"] = round(time.perf_counter() - start)
+        shared = arm_config(args.arms[0], args.seeds[0], args, args.out)  # what every run has in common
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"train_seconds": {}}
+        seconds = train_all(args)
+        record.update({"steps": args.steps, "body_tokens": args.body,
+                       "global_batch": shared["per_device_train_batch_size"] * args.nproc,
+                       "learning_rate": shared["learning_rate"], "overrides": dict(args.set),
+                       "train_machine": machine_description()})
+        record["train_seconds"].update(seconds)
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         if args.skip_eval:
             print(f"trained; evaluate with --eval-only --out {args.out}")
             return
     record = json.loads(record_path.read_text())
     eval_start = time.perf_counter()
-    runs = trained_runs(args.out)
-    results = evaluate([BASE_MODEL, minilm_folder(), *runs], args.out / "eval", args.max_queries, args.max_corpus)
-    table = score_table(results, runs)
-    best = max(table, key=lambda name: table[name]["ndcg_at_10"])
-    result = {"name": "ablation", **record, "subset": {"queries": args.max_queries, "corpus": args.max_corpus},
+    runs = sorted(path.parent for path in args.out.glob("*-seed*/adapter"))
+    if not runs:
+        raise SystemExit(f"no trained runs (<arm>-seed<seed>/adapter) under {args.out}")
+    labels = {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
+    for run in runs:
+        labels.update({path: f"{run.name}@{step}" for step, path in exported_checkpoints(run, args.eval_steps).items()})
+    results = evaluate(list(labels), args.out / "eval", args.max_queries, args.max_corpus)
+    scores = {labels[model]: next(iter(entry["scores"].values())) for model, entry in results.items()}
+    plateau = {run.name: left_plateau_at(run) for run in runs}
+    result = {"name": "ablation", **record, "seeds": sorted({int(run.name.split("-seed")[1]) for run in runs}),
+              "subset": {"queries": args.max_queries, "corpus": args.max_corpus},
               "eval_wall_seconds": round(time.perf_counter() - eval_start),
-              "scores": table,
-              "summary": f"ablation ({record['steps']} steps, seeds {record['seeds']}): best nDCG@10 {best}"}
+              "scores": scores, "arms": summarise(scores, plateau),
+              "summary": f"ablation ({record['steps']} steps, body {record['body_tokens']} tokens): "
+                         f"{len(runs)} runs evaluated at steps {args.eval_steps}"}
     write_result(result, args.out / "ablation.json")
 
 

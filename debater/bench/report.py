@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-SPEED = ("preprocess", "train_step", "trainer", "encoding")  # view_signal.json is a diagnostic, reported apart
+# each against its baseline in one run on one machine; view_signal.json is a diagnostic, reported apart
+SPEED = ("preprocess", "train_step", "trainer", "encoding", "checkpointing_memory")
 
 
 def speed_lines(results: dict[str, dict]) -> list[str]:
-    lines = ["## Speed ratios (each against the naive way, in one run, same machine)", ""]
+    lines = ["## Speed and memory (each against its baseline, in one run, same machine)", ""]
     for name in SPEED:
         if name not in results:
             lines.append(f"- **{name}**: not run")
@@ -24,15 +25,31 @@ def speed_lines(results: dict[str, dict]) -> list[str]:
 
 def ablation_lines(name: str, result: dict) -> list[str]:
     overrides = ", ".join(f"{key}={value!r}" for key, value in result.get("overrides", {}).items())
+    train_minutes = sum(result["train_seconds"].values()) / 60
     lines = [f"## Ablation on the Debian test subset: {name}", "",
              *([f"Config overrides: {overrides}.", ""] if overrides else []),
-             f"{result['steps']} steps x global batch {result['global_batch']} per variant, "
-             f"lr {result['learning_rate']}, seeds {result['seeds']}; {result['subset']['queries']} queries / "
-             f"{result['subset']['corpus']} documents. "
-             f"Training {result['train_wall_seconds'] / 60:.0f} min on {result['train_machine']}; evaluation "
+             f"Up to {result['steps']} steps x global batch {result['global_batch']}, lr {result['learning_rate']}, "
+             f"{result['body_tokens']} document body tokens in every arm, seeds {result['seeds']}; "
+             f"{result['subset']['queries']} queries / {result['subset']['corpus']} documents. "
+             f"Training {train_minutes:.0f} min on {result['train_machine']}; evaluation "
              f"{result['eval_wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
-             f"command: `{result['command']}`", "",
-             "| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
+             f"command: `{result['command']}`", ""]
+    steps = sorted({int(step) for arm in result["arms"].values() for step in arm["ndcg_at_10"]})
+    lines += ["nDCG@10 over seeds: mean ± sample std [min, max] (n); the step each seed left the plateau "
+              "(window in-batch top-1 first above 0.5; '-' never).", "",
+              "| arm | " + " | ".join(f"step {step}" for step in steps) + " | left the plateau at |",
+              "|---" * (len(steps) + 2) + "|"]
+    for arm, summary in result["arms"].items():
+        cells = []
+        for step in steps:
+            cell = summary["ndcg_at_10"].get(str(step), summary["ndcg_at_10"].get(step))
+            std = "" if cell is None or cell["std"] is None else f" ± {cell['std']:.4f}"
+            cells.append("" if cell is None else
+                         f"{cell['mean']:.4f}{std} [{cell['min']:.4f}, {cell['max']:.4f}] ({cell['n']})")
+        left = ", ".join(f"{run.split('-seed')[1]}: {step if step is not None else '-'}"
+                         for run, step in summary["left_plateau_at"].items())
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {left} |")
+    lines += ["", "| model | nDCG@10 | Recall@10 | MRR@10 |", "|---|---|---|---|"]
     for model, scores in result["scores"].items():
         lines.append(f"| {model} | {scores['ndcg_at_10']:.4f} | {scores['recall_at_10']:.4f} | "
                      f"{scores['mrr_at_10']:.4f} |")
