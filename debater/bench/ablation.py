@@ -148,13 +148,23 @@ def exported_checkpoints(run: Path, steps: list[int]) -> dict[int, str]:
     return exports
 
 
-def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) -> dict:
+def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict]:
+    """(main results, per-step nDCG@10 lists) of every model, by model path."""
     command = [sys.executable, "-m", "debater", "eval", "--tasks", TEST_SET, "--out", str(out), "--per-step",
                "--max-queries", str(max_queries), "--max-corpus", str(max_corpus), "--max-length", "64"]
     for model in models:
         command += ["--model", model]
     subprocess.run(command, check=True)
-    return json.loads((out / "results.json").read_text())["results"]
+    per_step = json.loads((out / "per_step.json").read_text())["results"]
+    return (json.loads((out / "results.json").read_text())["results"],
+            {model: next(iter(tasks.values()))["ndcg_at_10"] for model, tasks in per_step.items()})
+
+
+def best_views(per_step: dict[str, list[float]]) -> dict:
+    """Which step's view retrieves best on its own, next to the last step's (the one evaluation uses)."""
+    return {label: {"best_step": 1 + max(range(len(values)), key=values.__getitem__),
+                    "best_ndcg_at_10": round(max(values), 4), "last_ndcg_at_10": round(values[-1], 4)}
+            for label, values in per_step.items()}
 
 
 def spread(values: list[float]) -> dict:
@@ -222,13 +232,14 @@ def main() -> None:
     labels = {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
     for run in runs:
         labels.update({path: f"{run.name}@{step}" for step, path in exported_checkpoints(run, args.eval_steps).items()})
-    results = evaluate(list(labels), args.out / "eval", args.max_queries, args.max_corpus)
+    results, per_step = evaluate(list(labels), args.out / "eval", args.max_queries, args.max_corpus)
     scores = {labels[model]: next(iter(entry["scores"].values())) for model, entry in results.items()}
     plateau = {run.name: left_plateau_at(run) for run in runs}
     result = {"name": "ablation", **record, "seeds": sorted({int(run.name.split("-seed")[1]) for run in runs}),
               "subset": {"queries": args.max_queries, "corpus": args.max_corpus},
               "eval_wall_seconds": round(time.perf_counter() - eval_start),
               "scores": scores, "arms": summarise(scores, plateau),
+              "views": best_views({labels[model]: values for model, values in per_step.items()}),
               "summary": f"ablation ({record['steps']} steps, body {record['body_tokens']} tokens): "
                          f"{len(runs)} runs evaluated at steps {args.eval_steps}"}
     write_result(result, args.out / "ablation.json")
