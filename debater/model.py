@@ -109,15 +109,15 @@ def grow_embeddings(model, tokenizer, added: list[str], init: str = "sampled") -
     final hidden state vanilla training turns into an embedding (see README, "The ablation")."""
     if init not in STEP_TOKEN_INITS:
         raise ValueError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {init!r}")
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # padded vocabularies may have room already
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = model.get_input_embeddings().weight
     ids = torch.tensor(tokenizer.convert_tokens_to_ids(added))
     with torch.no_grad():
         if init == "eos":
             weight[ids] = weight[tokenizer.eos_token_id].clone()
-        else:
-            weight[ids] = vocabulary_draws(weight[:old_rows].detach().cpu(), len(added)).to(weight.device)
+        else:  # the statistics of the real vocabulary: the rows before the first added token
+            weight[ids] = vocabulary_draws(weight[:int(ids.min())].detach().cpu(), len(added)).to(weight.device)
 
 
 def step_rows(backbone: nn.Module, settings: EncodingSettings, tokenizer) -> dict[str, torch.Tensor]:
@@ -139,6 +139,9 @@ def restore_step_rows(backbone: nn.Module, folder: Path) -> None:
         return
     saved = load_file(str(path))
     weight = backbone.get_input_embeddings().weight
+    if int(saved["ids"].max()) >= weight.shape[0]:
+        raise ValueError(f"{path} holds step-token rows up to id {int(saved['ids'].max())} but this model has "
+                         f"{weight.shape[0]} rows: the adapter was trained with other step tokens than this config's")
     with torch.no_grad():
         weight[saved["ids"].to(weight.device)] = saved["rows"].to(weight.device, weight.dtype)
 

@@ -4,33 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
-from conftest import FIXTURES, free_port, launch_training, tensorboard_scalars
+from conftest import tensorboard_scalars, train_straight_and_resumed
 from safetensors.torch import load_file
 
 STEPS = 4
 
 
-def _config(tiny_model, data, out, stop, resume=None) -> dict:
-    return {"model_name_or_path": str(tiny_model), "dataset_file_path": str(data), "output_dir": str(out),
-            "torch_dtype": "bfloat16", "learning_rate": 5e-3, "warmup_steps": 1, "per_device_train_batch_size": 2,
-            "max_seq_length": 32, "stop_after_n_steps": stop, "logging_steps": 1, "save_steps": 2, "lora_r": 4,
-            "lora_dropout": 0.1, "cod_steps": 4, "seed": 13, "resume_from_checkpoint": resume}
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    work = tmp_path_factory.mktemp("bf16")
-    data = work / "echo"
-    shutil.copytree(FIXTURES / "echo", data)
-    straight, split = work / "straight", work / "split"
-    for config in (_config(tiny_model, data, straight, STEPS), _config(tiny_model, data, split, STEPS // 2),
-                   _config(tiny_model, data, split, STEPS, resume="latest")):
-        done = launch_training(config, work / "config.json", free_port(), ds_config="zero2_bf16.json")
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return straight, split
+    config = {"model_name_or_path": str(tiny_model), "torch_dtype": "bfloat16", "learning_rate": 5e-3,
+              "warmup_steps": 1, "per_device_train_batch_size": 2, "max_seq_length": 32, "logging_steps": 1,
+              "save_steps": 2, "lora_r": 4, "lora_dropout": 0.1, "cod_steps": 4, "seed": 13}
+    return train_straight_and_resumed(config, tmp_path_factory.mktemp("bf16"), steps=STEPS,
+                                      ds_config="zero2_bf16.json")
 
 
 def test_bf16_run_trains_in_bf16_with_finite_gradients(runs):

@@ -5,34 +5,18 @@ The interrupted halves also run with non-reentrant gradient checkpointing (LoRA 
 equality shows that checkpointing under ZeRO-2 changes nothing but memory."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-from conftest import FIXTURES, launch_training, tensorboard_scalars
+from conftest import tensorboard_scalars, train_straight_and_resumed
 from safetensors.torch import load_file
-
-
-def _config(tiny_model: Path, data: Path, out: Path, stop: int, resume: str | None = None,
-            checkpointing: bool = False) -> dict:
-    return {"model_name_or_path": str(tiny_model), "dataset_file_path": str(data), "output_dir": str(out),
-            "gradient_checkpointing": checkpointing, "learning_rate": 5e-3, "warmup_steps": 2, "per_device_train_batch_size": 2, "max_seq_length": 32,
-            "stop_after_n_steps": stop, "logging_steps": 1, "save_steps": 2, "lora_r": 4, "lora_dropout": 0.1,
-            "cod_steps": 4, "torch_dtype": "float32", "seed": 11, "resume_from_checkpoint": resume}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    work = tmp_path_factory.mktemp("resume")
-    data = work / "echo"
-    shutil.copytree(FIXTURES / "echo", data)
-    straight, split = work / "straight", work / "split"
-    for config, port in ((_config(tiny_model, data, straight, stop=4), 29631),
-                         (_config(tiny_model, data, split, stop=2, checkpointing=True), 29632),
-                         (_config(tiny_model, data, split, stop=4, resume="latest", checkpointing=True), 29633)):
-        done = launch_training(config, work / "config.json", port)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return straight, split
+    config = {"model_name_or_path": str(tiny_model), "learning_rate": 5e-3, "warmup_steps": 2,
+              "per_device_train_batch_size": 2, "max_seq_length": 32, "logging_steps": 1, "save_steps": 2,
+              "lora_r": 4, "lora_dropout": 0.1, "cod_steps": 4, "torch_dtype": "float32", "seed": 11}
+    return train_straight_and_resumed(config, tmp_path_factory.mktemp("resume"), steps=4,
+                                      split_extra={"gradient_checkpointing": True})
 
 
 def test_resumed_run_has_the_same_losses(runs):
