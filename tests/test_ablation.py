@@ -53,3 +53,22 @@ def test_every_arm_keeps_the_same_body_and_only_its_own_format():
     assert configs["full_eos_no_prompt"]["deliberation_prompt"] == ""
     assert configs["vanilla"]["loss_variant"] == "vanilla" and configs["vanilla"]["pooling_mode"] == "last_token"
     assert configs["full"]["save_total_limit"] == 5  # every checkpoint of 60, 120, 180, 240 is kept
+
+
+def test_evaluation_in_parts_only_evaluates_new_models(tmp_path, monkeypatch):
+    from debater.bench import ablation
+
+    calls = []
+
+    def fake_evaluate(models, out, max_queries, max_corpus):
+        calls.append((list(models), out.name))
+        return ({m: {"scores": {"debian-test": {"ndcg_at_10": len(m) / 100}}} for m in models},
+                {m: [0.1, 0.2] for m in models if m.startswith("run")})
+
+    monkeypatch.setattr(ablation, "evaluate", fake_evaluate)
+    first = ablation.evaluate_new({"base": "base", "run-a": "a@60"}, tmp_path, 200, 600)
+    second = ablation.evaluate_new({"base": "base", "run-a": "a@60", "run-bb": "bb@60"}, tmp_path, 200, 600)
+    assert calls == [(["base", "run-a"], "batch-0"), (["run-bb"], "batch-1")]
+    assert first[0] == {"base": {"ndcg_at_10": 0.04}, "a@60": {"ndcg_at_10": 0.05}}
+    assert second[0]["bb@60"] == {"ndcg_at_10": 0.06} and second[0]["a@60"] == first[0]["a@60"]
+    assert second[1] == {"a@60": [0.1, 0.2], "bb@60": [0.1, 0.2]}

@@ -160,6 +160,26 @@ def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) ->
             {model: next(iter(tasks.values()))["ndcg_at_10"] for model, tasks in per_step.items()})
 
 
+def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict]:
+    """Evaluate only the models not yet in ``folder/cache.json`` (in a new ``batch-N`` folder), so evaluation
+    can also run in parts; returns (scores, per-step nDCG@10) by label for every model in ``labels``."""
+    cache_path = folder / "cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    missing = [model for model, label in labels.items() if label not in cache]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        batch = folder / f"batch-{len(list(folder.glob('batch-*')))}"
+        batch.mkdir()
+        results, per_step = evaluate(missing, batch, max_queries, max_corpus)
+        for model in missing:
+            cache[labels[model]] = {"scores": next(iter(results[model]["scores"].values())),
+                                    "per_step": per_step.get(model)}
+        cache_path.write_text(json.dumps(cache, indent=2))
+    wanted = [cache[label] | {"label": label} for label in labels.values()]
+    return ({entry["label"]: entry["scores"] for entry in wanted},
+            {entry["label"]: entry["per_step"] for entry in wanted if entry["per_step"]})
+
+
 def best_views(per_step: dict[str, list[float]]) -> dict:
     """Which step's view retrieves best on its own, next to the last step's (the one evaluation uses)."""
     return {label: {"best_step": 1 + max(range(len(values)), key=values.__getitem__),
@@ -232,14 +252,13 @@ def main() -> None:
     labels = {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
     for run in runs:
         labels.update({path: f"{run.name}@{step}" for step, path in exported_checkpoints(run, args.eval_steps).items()})
-    results, per_step = evaluate(list(labels), args.out / "eval", args.max_queries, args.max_corpus)
-    scores = {labels[model]: next(iter(entry["scores"].values())) for model, entry in results.items()}
+    scores, per_step = evaluate_new(labels, args.out / "eval", args.max_queries, args.max_corpus)
     plateau = {run.name: left_plateau_at(run) for run in runs}
     result = {"name": "ablation", **record, "seeds": sorted({int(run.name.split("-seed")[1]) for run in runs}),
               "subset": {"queries": args.max_queries, "corpus": args.max_corpus},
               "eval_wall_seconds": round(time.perf_counter() - eval_start),
               "scores": scores, "arms": summarise(scores, plateau),
-              "views": best_views({labels[model]: values for model, values in per_step.items()}),
+              "views": best_views(per_step),
               "summary": f"ablation ({record['steps']} steps, body {record['body_tokens']} tokens): "
                          f"{len(runs)} runs evaluated at steps {args.eval_steps}"}
     write_result(result, args.out / "ablation.json")
