@@ -62,7 +62,7 @@ def test_evaluation_in_parts_only_evaluates_new_models(tmp_path, monkeypatch):
 
     def fake_evaluate(models, out, max_queries, max_corpus):
         calls.append((list(models), out.name))
-        return ({m: {"scores": {"debian-test": {"ndcg_at_10": len(m) / 100}}} for m in models},
+        return ({m: {"scores": {"debian-test": {"ndcg_at_10": len(m) / 100}}, "seconds": 10.0} for m in models},
                 {m: [0.1, 0.2] for m in models if m.startswith("run")})
 
     monkeypatch.setattr(ablation, "evaluate", fake_evaluate)
@@ -72,3 +72,4 @@ def test_evaluation_in_parts_only_evaluates_new_models(tmp_path, monkeypatch):
     assert first[0] == {"base": {"ndcg_at_10": 0.04}, "a@60": {"ndcg_at_10": 0.05}}
     assert second[0]["bb@60"] == {"ndcg_at_10": 0.06} and second[0]["a@60"] == first[0]["a@60"]
     assert second[1] == {"a@60": [0.1, 0.2], "bb@60": [0.1, 0.2]}
+    assert (first[2], second[2]) == (20, 30)  # seconds summed over the parts

@@ -19,7 +19,7 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
     write(tmp_path / "ablation" / "ablation.json", {
         "steps": 240, "body_tokens": 44, "global_batch": 8, "learning_rate": 2e-4, "seeds": [7, 42],
         "subset": {"queries": 200, "corpus": 600}, "train_seconds": {"full-seed42": 1500, "full-seed7": 1080},
-        "train_machine": "one GPU", "eval_wall_seconds": 987, "machine": MACHINE,
+        "train_machine": "one GPU", "eval_seconds": 987, "machine": MACHINE,
         "command": "python -m debater.bench.ablation --eval-only",
         "scores": {"full-seed42@60": {"ndcg_at_10": 0.74443, "recall_at_10": 0.865, "mrr_at_10": 0.7058}},
         "arms": {"full": {"ndcg_at_10": {"60": {"mean": 0.5, "std": 0.1, "min": 0.4, "max": 0.6, "n": 2},
@@ -28,7 +28,7 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
     write(tmp_path / "ablation-eos-steps" / "ablation.json", {
         "steps": 60, "body_tokens": 44, "global_batch": 8, "learning_rate": 2e-4, "seeds": [7],
         "subset": {"queries": 200, "corpus": 600}, "overrides": {"scale": 60},
-        "train_seconds": {"vanilla-seed7": 600}, "train_machine": MACHINE, "eval_wall_seconds": 60, "machine": MACHINE,
+        "train_seconds": {"vanilla-seed7": 600}, "train_machine": MACHINE, "eval_seconds": 60, "machine": MACHINE,
         "command": "python -m debater.bench.ablation --set scale=60",
         "scores": {"vanilla-seed7@60": {"ndcg_at_10": 0.7, "recall_at_10": 0.8, "mrr_at_10": 0.6}},
         "arms": {"vanilla": {"ndcg_at_10": {"60": {"mean": 0.7, "std": None, "min": 0.7, "max": 0.7, "n": 1}},
@@ -39,7 +39,7 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
     report = build_report(tmp_path)
     assert "- **trainer**: trainer 1.11x" in report
     assert "- **preprocess**: not run" in report
-    assert "Training 43 min on one GPU; evaluation 16 min on some CPU, 2 cores." in report
+    assert "Training 43 min on one GPU; evaluation 16 min (summed over its parts) on some CPU, 2 cores." in report
     assert "44 document body tokens in every arm" in report
     assert ("| full | 0.5000 ± 0.1000 [0.4000, 0.6000] (2) | 0.8000 [0.8000, 0.8000] (1) | 42: 105, 7: - |"
             in report)

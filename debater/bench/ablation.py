@@ -160,9 +160,10 @@ def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) ->
             {model: next(iter(tasks.values()))["ndcg_at_10"] for model, tasks in per_step.items()})
 
 
-def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict]:
+def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict, int]:
     """Evaluate only the models not yet in ``folder/cache.json`` (in a new ``batch-N`` folder), so evaluation
-    can also run in parts; returns (scores, per-step nDCG@10) by label for every model in ``labels``."""
+    can also run in parts; returns (scores, per-step nDCG@10) by label for every model in ``labels``, and the
+    seconds their evaluations took, summed over parts."""
     cache_path = folder / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     missing = [model for model, label in labels.items() if label not in cache]
@@ -173,11 +174,12 @@ def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_cor
         results, per_step = evaluate(missing, batch, max_queries, max_corpus)
         for model in missing:
             cache[labels[model]] = {"scores": next(iter(results[model]["scores"].values())),
-                                    "per_step": per_step.get(model)}
+                                    "per_step": per_step.get(model), "seconds": results[model]["seconds"]}
         cache_path.write_text(json.dumps(cache, indent=2))
     wanted = [cache[label] | {"label": label} for label in labels.values()]
     return ({entry["label"]: entry["scores"] for entry in wanted},
-            {entry["label"]: entry["per_step"] for entry in wanted if entry["per_step"]})
+            {entry["label"]: entry["per_step"] for entry in wanted if entry["per_step"]},
+            round(sum(entry["seconds"] for entry in wanted)))
 
 
 def best_views(per_step: dict[str, list[float]]) -> dict:
@@ -229,13 +231,12 @@ def main() -> None:
     phase.add_argument("--skip-eval", action="store_true", help="train only; evaluate later with --eval-only")
     phase.add_argument("--eval-only", action="store_true", help="evaluate the runs already under --out")
     args = parser.parse_args()
-    start = time.perf_counter()
     record_path = args.out / TRAINING_RECORD
     if not args.eval_only:
         shared = arm_config(args.arms[0], args.seeds[0], args, args.out)  # what every run has in common
         record = json.loads(record_path.read_text()) if record_path.exists() else {"train_seconds": {}}
         seconds = train_all(args)
-        record.update({"steps": args.steps, "body_tokens": args.body,
+        record.update({"steps": max(args.steps, record.get("steps", 0)), "body_tokens": args.body,  # longest run
                        "global_batch": shared["per_device_train_batch_size"] * args.nproc,
                        "learning_rate": shared["learning_rate"], "overrides": dict(args.set),
                        "train_machine": machine_description()})
@@ -245,18 +246,17 @@ def main() -> None:
             print(f"trained; evaluate with --eval-only --out {args.out}")
             return
     record = json.loads(record_path.read_text())
-    eval_start = time.perf_counter()
     runs = sorted(path.parent for path in args.out.glob("*-seed*/adapter"))
     if not runs:
         raise SystemExit(f"no trained runs (<arm>-seed<seed>/adapter) under {args.out}")
     labels = {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
     for run in runs:
         labels.update({path: f"{run.name}@{step}" for step, path in exported_checkpoints(run, args.eval_steps).items()})
-    scores, per_step = evaluate_new(labels, args.out / "eval", args.max_queries, args.max_corpus)
+    scores, per_step, eval_seconds = evaluate_new(labels, args.out / "eval", args.max_queries, args.max_corpus)
     plateau = {run.name: left_plateau_at(run) for run in runs}
     result = {"name": "ablation", **record, "seeds": sorted({int(run.name.split("-seed")[1]) for run in runs}),
               "subset": {"queries": args.max_queries, "corpus": args.max_corpus},
-              "eval_wall_seconds": round(time.perf_counter() - eval_start),
+              "eval_seconds": eval_seconds,
               "scores": scores, "arms": summarise(scores, plateau),
               "views": best_views(per_step),
               "summary": f"ablation ({record['steps']} steps, body {record['body_tokens']} tokens): "

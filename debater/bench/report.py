@@ -32,7 +32,7 @@ def ablation_lines(name: str, result: dict) -> list[str]:
              f"{result['body_tokens']} document body tokens in every arm, seeds {result['seeds']}; "
              f"{result['subset']['queries']} queries / {result['subset']['corpus']} documents. "
              f"Training {train_minutes:.0f} min on {result['train_machine']}; evaluation "
-             f"{result['eval_wall_seconds'] / 60:.0f} min on {result['machine']}.", "",
+             f"{result['eval_seconds'] / 60:.0f} min (summed over its parts) on {result['machine']}.", "",
              f"command: `{result['command']}`", ""]
     steps = sorted({int(step) for arm in result["arms"].values() for step in arm["ndcg_at_10"]})
     lines += ["nDCG@10 over seeds: mean ± sample std [min, max] (n); the step each seed left the plateau "
