@@ -154,14 +154,14 @@ def load_backbone(path: str, dtype: str, attn_implementation: str, trust_remote_
 
 
 def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, dtype: str, attn_implementation: str,
-                             trust_remote_code: bool = False, step_token_init: str = "sampled") -> tuple[nn.Module, list[str]]:
+                             trust_remote_code: bool = False, step_token_init: str = "sampled") -> nn.Module:
     """The base model with the settings' step tokens resolved, and embedding rows grown for any that had to be
-    added to the tokenizer. Returns (backbone, added tokens)."""
+    added to the tokenizer."""
     added = resolve_step_tokens(tokenizer, settings)
     backbone = load_backbone(path, dtype, attn_implementation, trust_remote_code)
     if added:
         grow_embeddings(backbone, tokenizer, added, step_token_init)
-    return backbone, added
+    return backbone
 
 
 def build_training_encoder(config, tokenizer) -> DebaterEncoder:
@@ -169,7 +169,7 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     settings = config.encoding_settings()
-    backbone, _ = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
+    backbone = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
                                                config.attn_implementation, config.trust_remote_code,
                                                config.step_token_init)
     if config.gradient_checkpointing:
@@ -246,7 +246,7 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
     else:
         settings = EncodingSettings()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model, _ = load_backbone_with_steps(path, tokenizer, settings, dtype, attn_implementation, trust_remote_code)
+        model = load_backbone_with_steps(path, tokenizer, settings, dtype, attn_implementation, trust_remote_code)
         pooling = "last_step"
     if max_length:
         settings.query_max_length = settings.doc_max_length = max_length

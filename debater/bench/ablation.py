@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from debater.bench.common import machine_description, write_result
+from debater.bench.common import machine_description, tensorboard_scalars, write_result
 from debater.prompts import DEFAULT_PROMPT
 
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
@@ -124,13 +124,7 @@ def train_all(args: argparse.Namespace) -> dict:
 
 def left_plateau_at(run: Path) -> int | None:
     """The first logged step whose window mean of in-batch top-1 exceeds LEFT_PLATEAU_TOP1 (None: never)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    top1: dict[int, float] = {}
-    for events_file in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
-        if "train/in_batch_top1" in events.Tags()["scalars"]:
-            top1.update({e.step: e.value for e in events.Scalars("train/in_batch_top1")})
+    top1 = tensorboard_scalars(run, "train/in_batch_top1")
     return next((step for step in sorted(top1) if top1[step] > LEFT_PLATEAU_TOP1), None)
 
 

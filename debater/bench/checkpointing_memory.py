@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 
 from debater.bench.ablation import BASE_CONFIG, PAPER_FORMAT, TRAIN_DATA
-from debater.bench.common import write_result
-
-
-def peak_mb(run: Path) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    peaks = []
-    for events_file in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
-        peaks += [e.value for e in events.Scalars("memory/peak_mb")]
-    return max(peaks)
+from debater.bench.common import tensorboard_scalars, write_result
 
 
 def train(run: Path, checkpointing: bool, args: argparse.Namespace) -> float:
@@ -36,7 +26,7 @@ def train(run: Path, checkpointing: bool, args: argparse.Namespace) -> float:
     config_path.write_text(json.dumps(config, indent=2))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     subprocess.run(["launch/single_node.sh", str(config_path), str(args.nproc)], env=env, check=True)
-    return peak_mb(run)
+    return max(tensorboard_scalars(run, "memory/peak_mb").values())
 
 
 def main() -> None:

@@ -39,3 +39,15 @@ def write_result(result: dict, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    """step -> value of one scalar over every event file of a run's ``tensorboard/`` (a resumed run has several)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events_file in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({e.step: e.value for e in events.Scalars(tag)})
+    return values

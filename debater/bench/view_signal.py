@@ -80,7 +80,7 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
     fields = dict(fields)
     init = fields.pop("step_token_init", "sampled")  # how added rows start; not an encoding setting
     settings = EncodingSettings(**fields, query_max_length=max_length, doc_max_length=max_length)
-    backbone, _ = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa", step_token_init=init)
+    backbone = load_backbone_with_steps(model_path, tokenizer, settings, "float32", "sdpa", step_token_init=init)
     return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
