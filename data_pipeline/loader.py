@@ -83,12 +83,24 @@ class RankLoader:
         return len(self.plan)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """This rank's queries [b, Lq] and documents [b * (1 + k), Ld] (all positives, then each row's k
+        negatives), with ids, masks and one key per text (see ``text_keys``)."""
         ids = self.plan.batches[index, self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         rows = self.data.rows(ids)
         query_ids, query_mask = left_pad([r["query"] for r in rows], self.pad_id)
         docs = [r["positive"] for r in rows] + [r["negatives"][j] for r in rows for j in range(self.k)]
         doc_ids, doc_mask = left_pad(docs, self.pad_id)
-        return {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask}
+        query_keys, doc_keys = self.text_keys(index)
+        return {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
+                "query_keys": query_keys, "doc_keys": doc_keys}
+
+    def text_keys(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A number per text that names it whatever the world size: (batch, global row, role), role 0 for
+        the query, 1 the positive, 2 + j the j-th negative. LoRA dropout masks are drawn from it."""
+        roles = 2 + self.k
+        rows = index * self.plan.batches.shape[1] + self.rank * self.per_rank + torch.arange(self.per_rank)
+        negatives = (rows[:, None] * roles + 2 + torch.arange(self.k)).reshape(-1)
+        return rows * roles, torch.cat([rows * roles + 1, negatives])
 
     def batches(self, start: int = 0):
         for index in range(start, len(self)):

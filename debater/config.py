@@ -45,6 +45,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 64
     negatives_per_query: int = 1  # hard negatives per query; rows with fewer are left out of the plan
     gradient_accumulation_steps: int = 1
+    grad_cache_chunk_size: int = 0  # >0: gradient caching, encoding this many texts per forward (0: off)
     max_seq_length: int = 512
     query_max_length: int | None = None
     stop_after_n_steps: int | None = 1000
@@ -91,6 +92,9 @@ class TrainConfig:
                      "save_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_cache_chunk_size < 0:
+            raise ConfigError(f"grad_cache_chunk_size must be >= 0 (0 turns gradient caching off), "
+                              f"got {self.grad_cache_chunk_size}")
         if self.doc_body_max_length is not None and self.doc_body_max_length < 1:
             raise ConfigError(f"doc_body_max_length must be >= 1 or null, got {self.doc_body_max_length}")
         if self.gradient_accumulation_steps != 1:

@@ -4,6 +4,7 @@ K positions (the step tokens), all from one forward pass per text group.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from debater.keyed_dropout import TextKeys, install_keyed_dropout
 from debater.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 
 log = logging.getLogger(__name__)
@@ -62,26 +64,31 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class DebaterEncoder(nn.Module):
-    def __init__(self, backbone: nn.Module, settings: EncodingSettings):
+    def __init__(self, backbone: nn.Module, settings: EncodingSettings, text_keys: TextKeys | None = None):
         super().__init__()
         self.backbone = backbone
         self.settings = settings
+        self.text_keys = text_keys  # set when LoRA dropout is keyed (training); None at inference
 
-    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                            use_cache=False)
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        with self.text_keys.use(keys) if self.text_keys is not None else contextlib.nullcontext():
+            out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                use_cache=False)
         return out.last_hidden_state
 
-    def encode_queries(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_queries(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """[N, D]: hidden state of the last (EOS) token; inputs are left-padded."""
-        return self.hidden_states(ids, mask)[:, -1]
+        return self.hidden_states(ids, mask, keys)[:, -1]
 
-    def encode_documents(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_documents(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """[N, V, D]: hidden states of the last V positions (the step tokens)."""
-        return self.hidden_states(ids, mask)[:, -self.settings.num_views:]
+        return self.hidden_states(ids, mask, keys)[:, -self.settings.num_views:]
 
-    def forward(self, query_ids, query_mask, doc_ids, doc_mask):
-        return self.encode_queries(query_ids, query_mask), self.encode_documents(doc_ids, doc_mask)
+    def forward(self, query_ids=None, query_mask=None, doc_ids=None, doc_mask=None, query_keys=None, doc_keys=None):
+        """(queries [Nq, D], views [Nd, V, D]); a side whose ids are not given comes back as None."""
+        queries = None if query_ids is None else self.encode_queries(query_ids, query_mask, query_keys)
+        views = None if doc_ids is None else self.encode_documents(doc_ids, doc_mask, doc_keys)
+        return queries, views
 
 
 def vocabulary_draws(rows: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
@@ -159,8 +166,12 @@ def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, d
     added to the tokenizer."""
     added = resolve_step_tokens(tokenizer, settings)
     backbone = load_backbone(path, dtype, attn_implementation, trust_remote_code)
-    if added:
-        grow_embeddings(backbone, tokenizer, added, step_token_init)
+    rows = backbone.get_input_embeddings().weight.shape[0]
+    # a tokenizer that already went through resolve_step_tokens (a second model from it) added nothing now,
+    # but this model still lacks the rows
+    beyond = [t for t in settings.step_tokens if tokenizer.convert_tokens_to_ids(t) >= rows and t not in added]
+    if added or beyond:
+        grow_embeddings(backbone, tokenizer, added + beyond, step_token_init)
     return backbone
 
 
@@ -170,10 +181,11 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
 
     settings = config.encoding_settings()
     backbone = load_backbone_with_steps(config.model_name_or_path, tokenizer, settings, config.torch_dtype,
-                                               config.attn_implementation, config.trust_remote_code,
-                                               config.step_token_init)
+                                        config.attn_implementation, config.trust_remote_code, config.step_token_init)
+    text_keys = TextKeys()
     if config.gradient_checkpointing:
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": text_keys.checkpoint_contexts})
     if config.peft_model_name_or_path:
         restore_step_rows(backbone, Path(config.peft_model_name_or_path))
         model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)
@@ -188,7 +200,8 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
                           trainable_token_indices=tokenizer.convert_tokens_to_ids(settings.step_tokens)
                           if train_rows else None)
         model = get_peft_model(backbone, lora)
-    return DebaterEncoder(model, settings)
+    install_keyed_dropout(model, config.seed, text_keys)
+    return DebaterEncoder(model, settings, text_keys)
 
 
 def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str,

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 import resource
+import time
 from pathlib import Path
 
 import torch
+
+from debater import distributed
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +18,44 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+LOGGED_MEANS = ("loss/total", "loss/contrastive", "loss/distillation", "train/in_batch_top1")
+
+
+class MetricsWindow:
+    """What the trainer logs, averaged over the steps since the last log: loss parts and in-batch top-1
+    (means over ranks), throughput in real tokens (padding excluded) and the views that won."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.best_views: list[torch.Tensor] = []
+        self.tokens = self.slots = 0.0
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, batch: dict[str, torch.Tensor], parts) -> float:
+        """Record one step (one all-reduce for every value); returns the loss averaged over ranks."""
+        real = (batch["query_mask"].sum() + batch["doc_mask"].sum()).float()
+        slots = real.new_tensor(batch["query_mask"].numel() + batch["doc_mask"].numel())
+        stats = distributed.mean_over_ranks(torch.stack(
+            [parts.total.detach(), parts.contrastive.detach(), parts.distillation.detach(), parts.accuracy,
+             real, slots])).tolist()
+        for name, value in zip(LOGGED_MEANS, stats):
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        world = distributed.world_size()
+        self.best_views.append(distributed.gather_values(parts.best_view))
+        self.tokens += stats[4] * world
+        self.slots += stats[5] * world
+        self.samples += batch["query_mask"].shape[0] * world
+        return stats[0]
+
+    def values(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        values = {name: total / len(self.best_views) for name, total in self.sums.items()}
+        values.update({"speed/tokens_per_s": self.tokens / elapsed, "speed/samples_per_s": self.samples / elapsed,
+                       "data/padding_fraction": 1.0 - self.tokens / self.slots})
+        return values
 
 
 class Monitor:

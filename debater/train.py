@@ -1,8 +1,8 @@
-"""The DeepSpeed ZeRO-2 training loop: thin on purpose.
+"""The DeepSpeed ZeRO-2 training run: set-up, the loop that drives ``TrainingStep``, the final export.
 
-Each rank encodes its slice of the planned global batch (positives and hard
-negatives in one forward pass), gathers every rank's candidates with
-gradient, and computes the loss of its own queries against all of them.
+What one step computes (encode, gather, loss, update, with or without gradient caching) lives in
+``debater/training_step.py``; this file only decides which batch comes next, when to log and when to
+checkpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,12 @@ from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fingerprint
 from debater import checkpoint, distributed
 from debater.config import TrainConfig
-from debater.losses import debater_loss
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
-from debater.monitor import Monitor, peak_memory_mb
+from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
+from debater.training_step import TrainingError, TrainingStep
 
 log = logging.getLogger(__name__)
 WEIGHTS_BY_RANK = "weights_by_rank.json"
-LOGGED_MEANS = ("loss/total", "loss/contrastive", "loss/distillation", "train/in_batch_top1")
-
-
-class TrainingError(RuntimeError):
-    """A run that must stop; the message says at which step and why."""
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -137,7 +131,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     loader = RankLoader(data, plan, rank, world, pad_id, config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
     try:
-        _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps)
+        _loop(TrainingStep(engine, config, scheduler), loader, monitor, ckpt_dir, step, next_batch, total_steps)
     finally:
         monitor.close()  # a run that stops early keeps the curves that explain why
     _check_ranks_agree(engine.module, output_dir, engine.device)
@@ -164,63 +158,33 @@ def _check_ranks_agree(module: torch.nn.Module, output_dir: Path, device: torch.
                             "check that every node runs the same code and library versions")
 
 
-def _loop(config, engine, scheduler, loader, monitor, ckpt_dir, step, next_batch, total_steps) -> None:
-    rank, world = distributed.rank(), distributed.world_size()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
-    window = {"tokens": 0.0, "slots": 0.0, "samples": 0, "start": time.perf_counter()}
-    sums: dict[str, float] = {}
-    best_views = []
+def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckpt_dir: Path, step: int,
+          next_batch: int, total_steps: int) -> None:
+    """Drive the step over the planned batches from (step, next_batch); log and checkpoint on schedule."""
+    config, engine = training_step.config, training_step.engine
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=distributed.rank() != 0)
+    window = MetricsWindow()
     while step < total_steps:
         batch = {k: v.to(engine.device) for k, v in loader.batch(next_batch).items()}
-        queries, views = engine(**batch)
-        local = queries.shape[0]
-        positives, negatives = views[:local], views[local:]
-        candidates = torch.cat([distributed.gather_with_grad(positives), distributed.gather_with_grad(negatives)])
-        labels = torch.arange(local, device=queries.device) + rank * local
-        parts = debater_loss(queries, candidates, labels, config.loss_variant, config.scale,
-                             config.cod_loss_weight, config.sd_loss_weight)
-        engine.backward(parts.total)
-        real = (batch["query_mask"].sum() + batch["doc_mask"].sum()).float()
-        slots = real.new_tensor(batch["query_mask"].numel() + batch["doc_mask"].numel())
-        # one all-reduce per step for everything logged: loss parts, top-1, real and padded token counts
-        stats = distributed.mean_over_ranks(torch.stack(
-            [parts.total.detach(), parts.contrastive.detach(), parts.distillation.detach(), parts.accuracy,
-             real, slots])).tolist()
-        if not math.isfinite(stats[0]):
-            raise TrainingError(f"non-finite loss ({stats[0]}) at step {step + 1}: stopping; the last good "
+        parts = training_step.forward_backward(batch)
+        loss = window.add(batch, parts)
+        if not math.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}: stopping; the last good "
                                 f"checkpoint stays 'latest' in {ckpt_dir}")
-        engine.step()
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        if not math.isfinite(grad_norm) and not engine.fp16_enabled():  # fp16's loss scaler skips overflows by design
-            raise TrainingError(
-                f"non-finite gradient norm ({grad_norm}) at step {step + 1} while the loss is finite: DeepSpeed "
-                f"skipped the update, so training would go on without learning; stopping (the last good checkpoint "
-                f"stays 'latest' in {ckpt_dir}). If this happens on a GPU with attn_implementation="
-                f"{config.attn_implementation}, rerun with attn_implementation=eager to tell an attention-kernel bug "
-                "from a model problem")
+        grad_norm = training_step.update(step + 1, str(ckpt_dir))
         step, next_batch = step + 1, next_batch + 1
         bar.update(1)
-        for name, value in zip(LOGGED_MEANS, stats):
-            sums[name] = sums.get(name, 0.0) + value
-        best_views.append(distributed.gather_values(parts.best_view))
-        window["tokens"] += stats[4] * world
-        window["slots"] += stats[5] * world
-        window["samples"] += local * world
         if step % config.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window["start"]
-            count = len(best_views)
-            values = {name: total / count for name, total in sums.items()}
-            values.update({"train/learning_rate": scheduler.get_last_lr()[0],
+            values = window.values()
+            values.update({"train/learning_rate": training_step.scheduler.get_last_lr()[0],
                            "train/grad_norm": grad_norm,
-                           "speed/tokens_per_s": window["tokens"] / elapsed,
-                           "speed/samples_per_s": window["samples"] / elapsed,
-                           "data/padding_fraction": 1.0 - window["tokens"] / window["slots"],
+                           "train/grad_cache_chunk_size": config.grad_cache_chunk_size,
                            "memory/peak_mb": peak_memory_mb(engine.device)})
             monitor.scalars(step, values)
-            monitor.histogram(step, "train/best_step_for_positive", torch.cat(best_views), views.shape[1])
+            monitor.histogram(step, "train/best_step_for_positive", torch.cat(window.best_views),
+                              engine.module.settings.num_views)
             bar.set_postfix(loss=f"{values['loss/total']:.3f}", acc=f"{values['train/in_batch_top1']:.2f}")
-            sums, best_views = {}, []
-            window = {"tokens": 0.0, "slots": 0.0, "samples": 0, "start": time.perf_counter()}
+            window = MetricsWindow()
         if step % config.save_steps == 0 or step == total_steps:
             checkpoint.save(engine, ckpt_dir, step, next_batch, config.save_total_limit)
     bar.close()
