@@ -9,6 +9,9 @@ the mean loss over the whole global batch, as one process would compute it.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -69,3 +72,19 @@ def gather_values(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def cpu_allreduce_buffer(rank_index: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU backend maps for one rank (its naming: uid, master, rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank_index}")
+
+
+def release_cpu_allreduce_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (64 MiB in /dev/shm), which DeepSpeed never removes:
+    every run on CPU used to leave one per rank in memory until reboot. Once every rank has mapped every
+    peer's buffer (during init, so after a barrier), the name is no longer needed; the memory itself is
+    freed when the processes exit, crash included."""
+    if is_distributed():
+        barrier()
+        cpu_allreduce_buffer(rank()).unlink(missing_ok=True)

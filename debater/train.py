@@ -95,6 +95,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     from transformers import AutoTokenizer
 
     deepspeed.init_distributed()
+    distributed.release_cpu_allreduce_buffer()
     avoid_cudnn_attention_backward()
     rank, world = distributed.rank(), distributed.world_size()
     output_dir = Path(config.output_dir)

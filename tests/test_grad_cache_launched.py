@@ -6,6 +6,8 @@ that divides neither side. The uncached runs on 1 and 2 ranks agree as well (dro
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import ROOT, free_port, launch_training, tensorboard_scalars
@@ -29,14 +31,16 @@ def runs(tiny_model, tmp_path_factory):
                   "train_step_rows": True, "learning_rate": 5e-3, "warmup_steps": 1, "max_seq_length": 32,
                   "stop_after_n_steps": STEPS, "logging_steps": 1, "save_steps": STEPS, "lora_r": 4,
                   "cod_steps": 4, "torch_dtype": "float32", "seed": 5}
-        done = launch_training(config, work / f"{name}.json", free_port(), nproc=ranks,
+        port = free_port()
+        done = launch_training(config, work / f"{name}.json", port, nproc=ranks,
                                script=ROOT / "tests" / "record_gradients.py",
                                env={"GRADIENTS_FILE": str(work / f"{name}.pt")})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results[name] = {"grads": torch.load(work / f"{name}.pt"),
                          "adapter": load_file(str(out / "adapter" / "adapter_model.safetensors")),
                          "chunk": tensorboard_scalars(out / "tensorboard", "train/grad_cache_chunk_size"),
-                         "loss": tensorboard_scalars(out / "tensorboard", "loss/total")}
+                         "loss": tensorboard_scalars(out / "tensorboard", "loss/total"),
+                         "shared_memory_left": sorted(p.name for p in Path("/dev/shm").glob(f"*_{port}_*"))}
     return results
 
 
@@ -61,3 +65,9 @@ def test_adapter_after_three_steps_equals_the_two_rank_uncached_run(runs, name):
 def test_tensorboard_shows_the_chunk_size(runs):
     for name, (_, chunk) in RUNS.items():
         assert set(runs[name]["chunk"].values()) == {chunk}
+
+
+def test_runs_leave_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU backend maps 64 MiB of /dev/shm per rank and never unlinks it; the trainer does."""
+    for name in RUNS:
+        assert runs[name]["shared_memory_left"] == [], name

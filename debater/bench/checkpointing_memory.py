@@ -4,29 +4,10 @@ trainer logs as ``memory/peak_mb`` (resident set on CPU, allocated memory on CUD
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from debater.bench.ablation import BASE_CONFIG, PAPER_FORMAT, TRAIN_DATA
-from debater.bench.common import tensorboard_scalars, write_result
-
-
-def train(run: Path, checkpointing: bool, args: argparse.Namespace) -> float:
-    config = json.loads(BASE_CONFIG.read_text())
-    config.update(PAPER_FORMAT)
-    config.update({"output_dir": str(run), "dataset_file_path": TRAIN_DATA, "loss_variant": "full",
-                   "per_device_train_batch_size": args.batch, "max_seq_length": args.length,
-                   "query_max_length": args.length, "stop_after_n_steps": args.steps, "logging_steps": 1,
-                   "save_steps": args.steps, "gradient_checkpointing": checkpointing})
-    run.mkdir(parents=True, exist_ok=True)
-    config_path = run.parent / f"{run.name}.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    subprocess.run(["launch/single_node.sh", str(config_path), str(args.nproc)], env=env, check=True)
-    return max(tensorboard_scalars(run, "memory/peak_mb").values())
+from debater.bench.common import write_result
+from debater.bench.launched import measure, paper_format_config
 
 
 def main() -> None:
@@ -37,7 +18,12 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="ranks (the peak is rank 0's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/checkpointing_memory"))
     args = parser.parse_args()
-    peaks = {"off": train(args.out / "off", False, args), "on": train(args.out / "on", True, args)}
+    peaks = {}
+    for name, checkpointing in (("off", False), ("on", True)):
+        run = args.out / name
+        config = paper_format_config(run, args.batch, args.length, args.steps,
+                                     {"gradient_checkpointing": checkpointing})
+        peaks[name] = measure(run, config, args.nproc)["peak_mb"]
     write_result({"name": "checkpointing_memory", "batch": args.batch, "length": args.length, "nproc": args.nproc,
                   "peak_mb": peaks,
                   "summary": f"peak memory of rank 0 ({args.batch} per device x {args.length} tokens): checkpointing "
