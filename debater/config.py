@@ -99,7 +99,8 @@ class TrainConfig:
             raise ConfigError(f"doc_body_max_length must be >= 1 or null, got {self.doc_body_max_length}")
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("gradient_accumulation_steps must be 1: the contrastive loss needs the whole "
-                              "global batch in one step; raise per_device_train_batch_size or add ranks instead")
+                              "global batch in one step; raise per_device_train_batch_size or add ranks instead "
+                              "(grad_cache_chunk_size makes a large per-device batch fit in memory)")
 
     def encoding_settings(self) -> EncodingSettings:
         return EncodingSettings(

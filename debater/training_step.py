@@ -9,9 +9,11 @@
 With ``grad_cache_chunk_size`` c > 0 (gradient caching, Gao et al. 2021) the encode runs without a graph,
 c texts at a time; the loss is taken on those embeddings and its gradient with respect to each of them
 kept; each chunk is then encoded again with a graph (same dropout masks, same RNG state) and its kept
-gradient pushed into the trainable parameters, summed over chunks. DeepSpeed then backpropagates a
-surrogate, sum(parameter * summed gradient), whose gradient is that sum: one backward and one
-reduction per step as without caching, and memory bounded by the chunk instead of the batch.
+gradient pushed into the trainable parameters, summed over chunks. The last chunk keeps its graph from
+the first pass instead (one chunk's activations, which the re-encoding needs anyway), so it is encoded
+once. DeepSpeed then backpropagates a surrogate, sum(parameter * summed gradient), whose gradient is that
+sum: one backward and one reduction per step as without caching, and memory bounded by the chunk instead
+of the batch.
 """
 from __future__ import annotations
 
@@ -88,16 +90,20 @@ class TrainingStep:
 
     def _cached_forward_backward(self, batch: dict[str, torch.Tensor]) -> LossParts:
         chunks = split_side(batch, "query", self.chunk_size) + split_side(batch, "doc", self.chunk_size)
+        *replayed, last = chunks  # the last chunk keeps its graph from the first pass: it is not encoded twice
         with torch.no_grad():
-            embedded = [self._encode_chunk(chunk, record_rng=True) for chunk in chunks]
+            embedded = [self._encode_chunk(chunk, first_pass=True) for chunk in replayed]
+        kept = self._encode_chunk(last, first_pass=False)
+        embedded.append(kept.detach())
         queries = torch.cat([e for c, e in zip(chunks, embedded) if c.side == "query"]).requires_grad_()
         views = torch.cat([e for c, e in zip(chunks, embedded) if c.side == "doc"]).requires_grad_()
         parts = self.loss(queries, self.gather(views, queries.shape[0]))
         cached = dict(zip(("query", "doc"), torch.autograd.grad(parts.total, [queries, views])))
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         sums: list[torch.Tensor | None] = [None] * len(params)
-        for chunk in chunks:
-            embedding = self._encode_chunk(chunk, record_rng=False)
+        for chunk in (last, *replayed):
+            embedding = kept if chunk is last else self._encode_chunk(chunk, first_pass=False)
+            # autograd.grad frees this chunk's graph before the next one is built
             grads = torch.autograd.grad(embedding, params, grad_outputs=cached[chunk.side][chunk.start:chunk.stop],
                                         allow_unused=True)
             for i, grad in enumerate(grads):
@@ -108,16 +114,19 @@ class TrainingStep:
         return LossParts(parts.total.detach(), parts.contrastive.detach(), parts.distillation.detach(),
                          parts.accuracy, parts.best_view)
 
-    def _encode_chunk(self, chunk: TextChunk, record_rng: bool) -> torch.Tensor:
-        """Encode one chunk. The first time (no graph), through the engine, noting the RNG state. The second
-        time, replaying that state (any random op in the backbone draws as it did; LoRA dropout is keyed
-        and needs no replay), through the bare module: the engine's forward hooks its outputs so that a
-        backward through them runs DeepSpeed's reduction, which must happen once, for the surrogate."""
+    def _encode_chunk(self, chunk: TextChunk, first_pass: bool) -> torch.Tensor:
+        """Encode one chunk. A first pass (no graph) goes through the engine and notes the RNG state. A pass
+        with a graph goes through the bare module, because the engine hooks its outputs so that a backward
+        through them runs DeepSpeed's reduction, which must happen once, for the surrogate; when it repeats a
+        first pass it replays that RNG state (any random op in the backbone draws as it did; LoRA dropout is
+        keyed by text and needs no replay)."""
         device = self.engine.device
         on_accelerator = device.type == "cuda"
-        if record_rng:
+        if first_pass:
             chunk.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_accelerator else None)
             return self._side(chunk, self.encode(chunk.inputs))
+        if chunk.rng is None:
+            return self._side(chunk, self.engine.module(**chunk.inputs))
         with torch.random.fork_rng(devices=[device] if on_accelerator else [], device_type=device.type):
             torch.set_rng_state(chunk.rng[0])
             if on_accelerator:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,16 @@ def test_encoding_settings_maps_loss_variant_to_doc_mode(variant, doc_mode, view
     assert settings.step_tokens == ["<a>", "<b>", "<c>", "<d>"]
     assert settings.step_tokens is not config.step_tokens  # a copy: resolving tokens must not edit the config
     assert settings.prompt_text() == "Think four:"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.gradient_accumulation_steps == 1 and config.grad_cache_chunk_size >= 0
+
+
+def test_gradient_cache_chunk_is_a_count_of_texts():
+    assert config_from_dict({**SEED_CONFIG, "grad_cache_chunk_size": 16}).grad_cache_chunk_size == 16
+    with pytest.raises(ConfigError, match="grad_cache_chunk_size must be >= 0"):
+        config_from_dict({**SEED_CONFIG, "grad_cache_chunk_size": -1})

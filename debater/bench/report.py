@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # each against its baseline in one run on one machine; view_signal.json is a diagnostic, reported apart
-SPEED = ("preprocess", "train_step", "trainer", "encoding", "checkpointing_memory")
+SPEED = ("preprocess", "train_step", "trainer", "encoding", "checkpointing_memory", "grad_cache", "grad_cache_global64")
 
 
 def speed_lines(results: dict[str, dict]) -> list[str]:
