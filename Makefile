@@ -60,7 +60,7 @@ bench: assets
 	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
 	$(PY) -m debater.bench.view_signal --out $(BENCH)/view_signal.json
 	$(PY) -m debater.bench.checkpointing_memory --out $(BENCH)/checkpointing_memory
-	$(PY) -m debater.bench.grad_cache --batches 2 8 32 --chunk 8 --out $(BENCH)/grad_cache
+	$(PY) -m debater.bench.grad_cache --batches 2 8 16 --chunk 8 --out $(BENCH)/grad_cache
 	$(PY) -m debater.bench.grad_cache --batches 32 --nproc 2 --modes cached --chunk 8 --length 128 --steps 1 --out $(BENCH)/grad_cache_global64
 	$(PY) -m debater.bench.ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
 	$(PY) -m debater.bench.ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation

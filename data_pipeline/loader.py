@@ -77,6 +77,7 @@ class RankLoader:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
         self.data, self.plan, self.pad_id, self.k = data, plan, pad_id, negatives_per_query
         self.per_rank = global_batch // world_size
+        self.global_batch = global_batch
         self.rank = rank
 
     def __len__(self) -> int:

@@ -5,7 +5,15 @@ DeepSpeed's own pointer is written by rank 0 without waiting for the other
 ranks, so here every rank writes its files, all ranks meet at a barrier, and
 only then rank 0 replaces the ``latest`` file atomically. A crash anywhere
 before that leaves the previous checkpoint as ``latest``. Each rank's RNG
-state is saved in the tag folder too, because LoRA dropout must replay exactly.
+state is saved in the tag folder too.
+
+DeepSpeed's ZeRO-2 files shard the optimizer by rank, and its loader refuses them
+on another number of ranks. Every checkpoint therefore also holds
+``trainable_state.pt``: each trainable parameter whole, in fp32, with its Adam
+moments, the optimizer step count and the scheduler (small: LoRA and step rows).
+A resume on another world size restores from it instead, at the same global
+batch (the batch plan does not depend on the world size, and LoRA dropout masks
+are keyed by text, so the continued run is the uninterrupted one).
 """
 from __future__ import annotations
 
@@ -25,6 +33,12 @@ log = logging.getLogger(__name__)
 TAG_PREFIX = "step-"
 LATEST = "latest"
 MODEL_STATES = "mp_rank_*_model_states.pt"
+PORTABLE_STATE = "trainable_state.pt"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed as asked; the message says why and what to do."""
 
 
 def _rng_state() -> dict:
@@ -41,13 +55,17 @@ def _step_of(tag_dir: Path) -> int:
     return int(tag_dir.name[len(TAG_PREFIX):])
 
 
-def save(engine, ckpt_dir: Path, step: int, next_batch: int, keep: int) -> Path:
+def save(engine, ckpt_dir: Path, step: int, next_batch: int, keep: int, global_batch: int) -> Path:
     tag = f"{TAG_PREFIX}{step}"
     tag_dir = ckpt_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), tag_dir / f"rng_rank{distributed.rank()}.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "next_batch": next_batch},
-                           save_latest=False, exclude_frozen_parameters=True)
+    client = {"step": step, "next_batch": next_batch, "global_batch": global_batch}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False,
+                           exclude_frozen_parameters=True)
+    portable = {**_portable_state(engine), "client": client}  # a collective: every rank gathers
+    if distributed.rank() == 0:
+        torch.save(portable, tag_dir / PORTABLE_STATE)
     distributed.barrier()  # every rank's files are complete before 'latest' may name them
     if distributed.rank() == 0:
         _publish(ckpt_dir, tag)
@@ -118,17 +136,90 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load(engine, ckpt_dir: Path, which: str) -> tuple[int, int]:
-    """Restore everything; returns (steps done, next batch index)."""
+def load(engine, ckpt_dir: Path, which: str, global_batch: int) -> tuple[int, int]:
+    """Restore everything; returns (steps done, next batch index). On the world size it was saved with,
+    through DeepSpeed's own files; on another one, from the portable state (same global batch only)."""
     folder, tag = resolve(ckpt_dir, which)
-    path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise FileNotFoundError(f"could not load checkpoint {folder / tag}")
+    portable_file = folder / tag / PORTABLE_STATE
+    portable = torch.load(portable_file, map_location="cpu", weights_only=False) if portable_file.exists() else None
+    saved_batch = portable["client"]["global_batch"] if portable else None
+    if saved_batch is not None and saved_batch != global_batch:
+        raise CheckpointError(f"{folder / tag} was trained with a global batch of {saved_batch} and this run has "
+                              f"{global_batch}: the batch plan (which rows form each step) depends on it, so the "
+                              "run cannot continue where it stopped. Set per_device_train_batch_size so that "
+                              f"per-device batch x ranks = {saved_batch}, or start a new run")
+    if portable is not None and portable["world_size"] != distributed.world_size():
+        _restore_portable(engine, portable)
+        client = portable["client"]
+        log.info("resumed from %s (saved on %d ranks) on %d ranks at step %d", folder / tag, portable["world_size"],
+                 distributed.world_size(), client["step"])
+    else:
+        path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"could not load checkpoint {folder / tag}")
+        log.info("resumed from %s at step %d", folder / tag, client["step"])
     rng_file = folder / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
-        log.warning("%s has no RNG state for rank %d (saved with another world size?)", tag, distributed.rank())
-    log.info("resumed from %s at step %d", folder / tag, client["step"])
+    else:  # LoRA dropout is keyed by text, so only other random ops (none in the models supported) would differ
+        log.info("%s has no RNG state for rank %d (saved on fewer ranks); keeping this rank's seed", tag,
+                 distributed.rank())
     return client["step"], client["next_batch"]
+
+
+def _portable_state(engine) -> dict:
+    """The trainable state whole, whatever the number of ranks: each trainable parameter in fp32 with its Adam
+    moments (gathered from the ZeRO partitions, a collective), the optimizer step count and the scheduler."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            params[name] = {"fp32": safe_get_full_fp32_param(param).cpu(),
+                            **{key: safe_get_full_optimizer_state(param, key).cpu() for key in ADAM_MOMENTS}}
+    steps = [state["step"] for state in engine.optimizer.optimizer.state.values() if "step" in state]
+    return {"world_size": distributed.world_size(), "params": params,
+            "optimizer_step": steps[0].clone() if steps else None, "scheduler": engine.lr_scheduler.state_dict(),
+            "global_steps": engine.global_steps}
+
+
+def _create_adam_state(engine) -> None:
+    """Before its first step the optimizer holds no Adam state (torch creates it lazily) and ZeRO has not yet
+    linked each parameter to its fragment of it: create both, as the first step would, so they can be set."""
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            state = inner.state[flat]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
+                             exp_avg_sq=torch.zeros_like(flat))
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _restore_portable(engine, portable: dict) -> None:
+    """Write a portable state into this engine's partitions: fp32 masters, Adam moments, the step count, the
+    module's own (possibly bf16) copy of each weight, the scheduler and the learning rate it had set."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    trainable = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+    if trainable.keys() != portable["params"].keys():
+        missing = sorted(trainable.keys() ^ portable["params"].keys())[:3]
+        raise CheckpointError(f"the checkpoint's trainable parameters differ from this model's (e.g. {missing}): "
+                              "resume with the config it was trained with")
+    _create_adam_state(engine)
+    with torch.no_grad():
+        for name, param in trainable.items():
+            saved = portable["params"][name]
+            param.copy_(saved["fp32"].to(param.device, param.dtype))
+            safe_set_full_fp32_param(param, saved["fp32"].to(param.device))
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, saved[key].to(param.device), key)
+    if portable["optimizer_step"] is not None:
+        for state in engine.optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = portable["optimizer_step"].clone().to(state["step"].device)
+    engine.lr_scheduler.load_state_dict(portable["scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = portable["global_steps"]

@@ -127,7 +127,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     ckpt_dir = output_dir / "checkpoints"
     step, next_batch = 0, 0
     if config.resume_from_checkpoint:
-        step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint)
+        step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint, global_batch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = RankLoader(data, plan, rank, world, pad_id, config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
@@ -187,5 +187,5 @@ def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckp
             bar.set_postfix(loss=f"{values['loss/total']:.3f}", acc=f"{values['train/in_batch_top1']:.2f}")
             window = MetricsWindow()
         if step % config.save_steps == 0 or step == total_steps:
-            checkpoint.save(engine, ckpt_dir, step, next_batch, config.save_total_limit)
+            checkpoint.save(engine, ckpt_dir, step, next_batch, config.save_total_limit, loader.global_batch)
     bar.close()

@@ -185,3 +185,13 @@ def reserved_tokenizer(reserved_count: int, words: tuple[str, ...] = ("hello", "
     core.add_special_tokens(reserved)
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
                                    unk_token="<unk>"), vocab
+
+
+def assert_close_to_scale(got: dict, expected: dict, relative: float, context: str) -> None:
+    """Each tensor of ``got`` within ``relative`` of the largest entry of its counterpart in ``expected``: sums
+    taken in another order (other ranks, other chunks) differ by fp32 rounding of the large entries, which
+    an elementwise relative tolerance would wrongly reject near zero."""
+    assert got.keys() == expected.keys(), context
+    for name, want in expected.items():
+        gap = float((got[name] - want).abs().max())
+        assert gap <= relative * float(want.abs().max()), f"{context}: {name} differs by {gap:.3g}"

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FIXTURES
+from conftest import FIXTURES, assert_close_to_scale
 
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import preprocess
@@ -33,10 +33,7 @@ RELATIVE_TOL = 1e-5  # of each tensor's largest entry: fp32 sums in another orde
 
 
 def assert_equal_gradients(got: dict, expected: dict, context: str) -> None:
-    assert got.keys() == expected.keys(), context
-    for name, want in expected.items():
-        gap = float((got[name] - want).abs().max())
-        assert gap <= RELATIVE_TOL * float(want.abs().max()), f"{context}: {name} differs by {gap:.3g}"
+    assert_close_to_scale(got, expected, RELATIVE_TOL, context)
 
 
 def two_negative_rows() -> list[dict]:

@@ -23,7 +23,10 @@ def main() -> None:
         run = args.out / name
         config = paper_format_config(run, args.batch, args.length, args.steps,
                                      {"gradient_checkpointing": checkpointing})
-        peaks[name] = measure(run, config, args.nproc)["peak_mb"]
+        measured = measure(run, config, args.nproc)
+        if "error" in measured:
+            raise SystemExit(measured["error"])
+        peaks[name] = measured["peak_mb"]
     write_result({"name": "checkpointing_memory", "batch": args.batch, "length": args.length, "nproc": args.nproc,
                   "peak_mb": peaks,
                   "summary": f"peak memory of rank 0 ({args.batch} per device x {args.length} tokens): checkpointing "

@@ -30,10 +30,11 @@ def paper_format_config(run: Path, batch: int, length: int, steps: int, extra: d
 
 def measure(run: Path, config: dict, nproc: int) -> dict:
     """Train from scratch; rank 0's peak memory (MB) and the seconds per step after the first (the global
-    batch over the trainer's logged samples/s)."""
+    batch over the trainer's logged samples/s). A run that fails (out of memory, say) is recorded as such."""
     shutil.rmtree(run, ignore_errors=True)
-    if start_training(config, nproc, free_port()).wait() != 0:
-        raise RuntimeError(f"training failed: see {run.parent / (run.name + '.log')}")
+    code = start_training(config, nproc, free_port()).wait()
+    if code != 0:
+        return {"error": f"training exited {code} (-9: killed, e.g. out of memory); see {run.parent / run.name}.log"}
     samples_per_s = tensorboard_scalars(run, "speed/samples_per_s")
     timed = [v for step, v in samples_per_s.items() if step > 1] or list(samples_per_s.values())
     global_batch = config["per_device_train_batch_size"] * nproc
