@@ -2,35 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from debater.cli_support import run_command
+from debater.cli_support import config_override, run_command
 
 log = logging.getLogger("debater")
-
-
-def _overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values parsed as JSON when they can be."""
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        try:
-            result[key] = json.loads(value)
-        except json.JSONDecodeError:
-            result[key] = value
-    return result
 
 
 def cmd_train(args) -> int:
     from debater.config import load_config
     from debater.train import train
 
-    config = load_config(args.config, _overrides(args.set))
+    config = load_config(args.config, dict(args.set))
     ds_config = args.deepspeed or config.deepspeed
     if not ds_config:
         raise ValueError("no DeepSpeed config: pass --deepspeed ds_configs/zero2_cpu.json (or set 'deepspeed')")
@@ -82,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train with DeepSpeed (run under the deepspeed or torchrun launcher)")
     tr.add_argument("config", help="training JSON (the original project's keys)")
     tr.add_argument("--deepspeed", help="DeepSpeed JSON (ZeRO-2); overrides the config's 'deepspeed' key")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tr.add_argument("--set", type=config_override, action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (VALUE read as JSON when it parses)")
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="MTEB retrieval evaluation of base models and trained outputs")
     ev.add_argument("--model", action="append", required=True,

@@ -1,6 +1,9 @@
-"""What every command line entry point shares: logging set-up and turning errors into one line."""
+"""What every command line entry point shares: logging set-up, ``--set KEY=VALUE`` overrides and turning
+errors into one line."""
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import warnings
@@ -21,6 +24,18 @@ def setup_logging(verbose: bool = False) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, lists, true) and as a string otherwise;
+    an argparse ``type`` (a malformed pair is a usage error)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from debater.bench.common import machine_description, tensorboard_scalars, write_result
+from debater.cli_support import config_override
 from debater.prompts import DEFAULT_PROMPT
 
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
@@ -67,17 +68,6 @@ def arm_config(arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict
             config[key] = value
     config.update(args.set)
     return config
-
-
-def config_override(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, lists, true) and as a string otherwise."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
