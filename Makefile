@@ -17,7 +17,7 @@ DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
 BENCH := runs/bench
 
-.PHONY: setup assets preprocess train eval export demo test bench tensorboard clean
+.PHONY: setup assets preprocess train eval export demo test cluster-tools bench tensorboard clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
@@ -51,6 +51,11 @@ demo: assets
 
 test: setup
 	$(PY) -m pytest tests
+
+# as root: what the hostfile launcher test needs (sshd on loopback, pdsh); without them that test is skipped
+cluster-tools:
+	export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openssh-server pdsh \
+	  || { apt-get update -q && apt-get install -y -q openssh-server pdsh; }
 
 # long-running (hours on 2 CPU cores): the speed ratios, checkpointing memory, then the ablation (see README)
 bench: assets

@@ -1,5 +1,6 @@
-"""Two nodes on one machine: launch/torchrun.sh started twice (NODE_RANK 0 and 1, one CPU rank each, as
-launch/slurm.sbatch runs it), rendezvous over 127.0.0.1; both exit 0 and end with the same weights."""
+"""Two nodes on one machine: launch/torchrun.sh started twice (NODE_RANK 0 and 1, one CPU rank each),
+rendezvous over 127.0.0.1; both exit 0 and end with the same weights. Then launch/slurm.sbatch's own body,
+run without SLURM: stand-ins for ``scontrol`` and ``srun`` give it what two one-node tasks would see."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import shutil
 import signal
 import subprocess
 
-from conftest import FIXTURES, ROOT, free_port, tensorboard_scalars, training_env
+from conftest import FIXTURES, ROOT, free_port, run_launcher, tensorboard_scalars, training_env
 
 from debater.checkpoint import trainable_weights, weights_digest
 
@@ -22,17 +23,29 @@ def _start_node(node_rank: int, config_path, port: int, log_path) -> subprocess.
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_two_nodes_train_and_end_with_the_same_weights(tiny_model, tmp_path):
+def _config(tiny_model, tmp_path):
     shutil.copytree(FIXTURES / "echo", tmp_path / "echo")
-    run = tmp_path / "run"
     config = {"model_name_or_path": str(tiny_model), "dataset_file_path": str(tmp_path / "echo"),
-              "output_dir": str(run), "learning_rate": 5e-3, "warmup_steps": 1, "per_device_train_batch_size": 2,
-              "max_seq_length": 32, "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 3, "lora_r": 4,
-              "cod_steps": 4, "torch_dtype": "float32", "seed": 5}
+              "output_dir": str(tmp_path / "run"), "learning_rate": 5e-3, "warmup_steps": 1,
+              "per_device_train_batch_size": 2, "max_seq_length": 32, "stop_after_n_steps": 3, "logging_steps": 1,
+              "save_steps": 3, "lora_r": 4, "cod_steps": 4, "torch_dtype": "float32", "seed": 5}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path / "config.json", tmp_path / "run"
+
+
+def _assert_two_ranks_trained_alike(run) -> None:
+    assert json.loads((run / "batch_plan.json").read_text())["global_batch"] == 4
+    assert sorted(tensorboard_scalars(run / "tensorboard", "loss/total")) == [1, 2, 3]
+    by_rank = json.loads((run / "weights_by_rank.json").read_text())["sha256"]
+    assert len(by_rank) == 2 and by_rank[0] == by_rank[1]
+    assert by_rank[0] == weights_digest(trainable_weights(run / "checkpoints" / "step-3"))
+
+
+def test_two_nodes_train_and_end_with_the_same_weights(tiny_model, tmp_path):
+    config_path, run = _config(tiny_model, tmp_path)
     port = free_port()
     logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
-    nodes = [_start_node(r, tmp_path / "config.json", port, logs[r]) for r in (0, 1)]
+    nodes = [_start_node(r, config_path, port, logs[r]) for r in (0, 1)]
     try:
         codes = [node.wait(timeout=TIMEOUT_S) for node in nodes]
     finally:
@@ -42,8 +55,36 @@ def test_two_nodes_train_and_end_with_the_same_weights(tiny_model, tmp_path):
     output = "\n".join(f"--- node {r}\n" + log.read_text()[-3000:] for r, log in enumerate(logs))
     assert codes == [0, 0], output
     assert "rank 1/2" in logs[1].read_text()
-    assert json.loads((run / "batch_plan.json").read_text())["global_batch"] == 4
-    assert sorted(tensorboard_scalars(run / "tensorboard", "loss/total")) == [1, 2, 3]
-    by_rank = json.loads((run / "weights_by_rank.json").read_text())["sha256"]
-    assert len(by_rank) == 2 and by_rank[0] == by_rank[1]
-    assert by_rank[0] == weights_digest(trainable_weights(run / "checkpoints" / "step-3"))
+    _assert_two_ranks_trained_alike(run)
+
+
+# srun as SLURM runs one task per node: every task at once, each with its node id, failing if any fails
+FAKE_SRUN = """#!/usr/bin/env bash
+pids=()
+for node in $(seq 0 $((SLURM_NNODES - 1))); do
+  SLURM_NODEID=$node SLURM_PROCID=$node SLURM_GPUS_ON_NODE=1 "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && printf '127.0.0.1\n127.0.0.2\n'
+"""
+
+
+def test_the_slurm_script_body_trains_on_two_one_node_tasks(tiny_model, tmp_path):
+    """What sbatch would run, minus SLURM: the script picks the first host as master, srun starts
+    launch/torchrun.sh once per node with NODE_RANK from SLURM_NODEID, and the two nodes train as one run."""
+    config_path, run = _config(tiny_model, tmp_path)
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (stand_ins / name).write_text(body)
+        (stand_ins / name).chmod(0o755)
+    env = dict(training_env(), SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2", MASTER_PORT=str(free_port()))
+    env["PATH"] = f"{stand_ins}:{env['PATH']}"
+    done = run_launcher(["bash", "launch/slurm.sbatch", str(config_path)], env, TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_two_ranks_trained_alike(run)
