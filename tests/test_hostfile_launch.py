@@ -108,8 +108,9 @@ def test_hostfile_launch_over_ssh_trains_like_one_node(tiny_model, tmp_path, ssh
     assert sorted(tensorboard_scalars(tmp_path / "across" / "tensorboard", "loss/total")) == [1, 2, 3]
 
 
-def _rank_pids(rank: int) -> list[int]:
-    """Training processes of one global rank on this machine (found by the RANK their launcher gave them)."""
+def _rank_pids(rank: int, config_path: Path) -> list[int]:
+    """Training processes of one global rank of the run of ``config_path`` (by the RANK their launcher gave
+    them), so that no other run on this machine is touched."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -117,7 +118,7 @@ def _rank_pids(rank: int) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if b"debater" in cmdline and b"train" in cmdline and f"RANK={rank}".encode() in environ:
+        if str(config_path).encode() in cmdline and f"RANK={rank}".encode() in environ:
             pids.append(int(proc.name))
     return pids
 
@@ -134,7 +135,7 @@ def test_a_dead_host_fails_the_launch_and_the_run_resumes_on_both_hosts(tiny_mod
         deadline = time.monotonic() + 300
         while not (checkpoints / "latest").exists() and time.monotonic() < deadline and launch.poll() is None:
             time.sleep(0.05)
-        victims = _rank_pids(1)  # every rank of the second host (one slot)
+        victims = _rank_pids(1, tmp_path / "run.json")  # every rank of the second host (one slot)
         assert (checkpoints / "latest").exists() and victims and launch.poll() is None
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

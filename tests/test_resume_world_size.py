@@ -34,9 +34,13 @@ def runs(tiny_model, tmp_path_factory):
         config = _config(tiny_model, data, work / name, ranks, steps, **extra)
         return launch_training(config, work / f"{name}-{ranks}-{steps}.json", free_port(), nproc=ranks)
 
-    outcomes = {"straight": [launch("straight", 2, STEPS)],
-                "2to1": [launch("2to1", 2, STEPS // 2), launch("2to1", 1, STEPS, resume_from_checkpoint="latest")],
-                "1to2": [launch("1to2", 1, STEPS // 2)]}
+    outcomes = {"straight": [launch("straight", 2, STEPS)], "1to2": [launch("1to2", 1, STEPS // 2)]}
+    # the 2-rank first half is the straight run up to its step-2 checkpoint: continue a copy of that on 1 rank
+    shutil.copytree(work / "straight", work / "2to1")
+    for copied_result in (work / "2to1" / "checkpoints" / f"step-{STEPS}", work / "2to1" / "adapter"):
+        shutil.rmtree(copied_result)  # the resumed run must write its own
+    (work / "2to1" / "checkpoints" / "latest").write_text(f"step-{STEPS // 2}")
+    outcomes["2to1"] = [launch("2to1", 1, STEPS, resume_from_checkpoint="latest")]
     shutil.copytree(work / "1to2", work / "other-batch")  # the half-way checkpoint, before it is continued
     outcomes["1to2"].append(launch("1to2", 2, STEPS, resume_from_checkpoint="latest"))
     refused = launch_training({**_config(tiny_model, data, work / "other-batch", 1, STEPS),
