@@ -17,7 +17,22 @@ DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
 BENCH := runs/bench
 
-.PHONY: setup assets preprocess train eval export demo test cluster-tools bench tensorboard clean
+.PHONY: help setup assets preprocess train eval export demo test cluster-tools bench tensorboard clean
+
+help:
+	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
+	@echo "  setup          .venv with the pinned packages [VENV]"
+	@echo "  assets         embedded model and Debian data into assets/"
+	@echo "  preprocess     echo-data -> Arrow shards [DATA, OUT, MODEL, CONFIG, MINE=K for K BM25 negatives]"
+	@echo "  train          DeepSpeed ZeRO-2 training on this machine [CONFIG, NPROC]"
+	@echo "  eval           MTEB retrieval metrics [MODEL=\"a b\", TASKS, OUT, EVAL_ARGS]"
+	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1]"
+	@echo "  demo           set-up, assets, preprocess, train, eval on the embedded default"
+	@echo "  test           the test suite"
+	@echo "  cluster-tools  as root: sshd and pdsh for the hostfile launcher test"
+	@echo "  bench          the long benchmarks, into runs/bench/report.md"
+	@echo "  tensorboard    TensorBoard over runs/"
+	@echo "  clean          remove runs/"
 
 setup: $(STAMP)
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml

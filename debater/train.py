@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
