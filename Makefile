@@ -17,7 +17,7 @@ DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
 BENCH := runs/bench
 
-.PHONY: help setup assets preprocess train eval export demo test cluster-tools bench tensorboard clean
+.PHONY: help setup assets preprocess train eval export demo test test-fast cluster-tools bench tensorboard clean
 
 help:
 	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
@@ -29,6 +29,7 @@ help:
 	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1]"
 	@echo "  demo           set-up, assets, preprocess, train, eval on the embedded default"
 	@echo "  test           the test suite"
+	@echo "  test-fast      the tests that start no launcher (no DeepSpeed, torchrun or pdsh launch)"
 	@echo "  cluster-tools  as root: sshd and pdsh for the hostfile launcher test"
 	@echo "  bench          the long benchmarks, into runs/bench/report.md"
 	@echo "  tensorboard    TensorBoard over runs/"
@@ -66,6 +67,9 @@ demo: assets
 
 test: setup
 	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not launcher"
 
 # as root: what the hostfile launcher test needs (sshd on loopback, pdsh); without them that test is skipped
 cluster-tools:

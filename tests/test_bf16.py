@@ -10,6 +10,8 @@ import pytest
 from conftest import free_port, launch_training, tensorboard_scalars, train_straight_and_resumed
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.launcher
+
 STEPS = 4
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import launch_training, training_env
 
+pytestmark = pytest.mark.launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -16,6 +16,8 @@ from debater.export import MERGED, export_checkpoint
 from debater.model import DebaterEncoder, load_encoder
 from debater.prompts import EncodingSettings
 
+pytestmark = pytest.mark.launcher
+
 INSTRUCTION = "Given a query, retrieve the matching document:"
 
 

@@ -12,6 +12,8 @@ from conftest import FIXTURES, free_port, launch_training, tensorboard_scalars
 
 from debater.checkpoint import trainable_weights
 
+pytestmark = pytest.mark.launcher
+
 
 def _output(done) -> str:
     return done.stdout + done.stderr

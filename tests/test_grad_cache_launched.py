@@ -15,6 +15,8 @@ from conftest import ROOT, free_port, launch_training, tensorboard_scalars
 from safetensors.torch import load_file
 from test_grad_cache import assert_equal_gradients, write_two_negative_echo
 
+pytestmark = pytest.mark.launcher
+
 STEPS = 3
 RUNS = {"w2": (2, 0), "w2-cached": (2, 4), "w1-cached": (1, 5)}  # name: (ranks, chunk)
 

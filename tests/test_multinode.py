@@ -4,12 +4,16 @@ once per node (NODE_RANK 0 and 1, one CPU rank each), rendezvous over 127.0.0.1;
 same weights."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 
 from conftest import FIXTURES, free_port, run_launcher, tensorboard_scalars, training_env
 
 from debater.checkpoint import trainable_weights, weights_digest
+
+pytestmark = pytest.mark.launcher
 
 TIMEOUT_S = 480
 

@@ -9,6 +9,8 @@ import pytest
 from conftest import tensorboard_scalars, train_straight_and_resumed
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.launcher
+
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):

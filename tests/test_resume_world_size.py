@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from debater.checkpoint import PORTABLE_STATE
 
+pytestmark = pytest.mark.launcher
+
 GLOBAL_BATCH, STEPS = 4, 4
 
 

@@ -9,6 +9,8 @@ import shutil
 import pytest
 from conftest import FIXTURES, ROOT, free_port, launch_training, tensorboard_scalars
 
+pytestmark = pytest.mark.launcher
+
 STEPS = 2
 
 
