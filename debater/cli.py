@@ -15,6 +15,17 @@ def cmd_train(args) -> int:
     from debater.config import load_config
     from debater.train import train
 
+    if args.help_config:
+        from debater.config import config_reference, config_reference_markdown
+
+        if args.markdown:
+            print(config_reference_markdown(), end="")
+        else:
+            for name, kind, default, text in config_reference():
+                print(f"{name} ({kind}, {'required' if default == 'required' else 'default ' + default})\n    {text}")
+        return 0
+    if args.config is None:
+        raise ValueError("train needs a config JSON (see --help-config for its keys)")
     config = load_config(args.config, dict(args.set))
     ds_config = args.deepspeed or config.deepspeed
     if not ds_config:
@@ -65,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train with DeepSpeed (run under the deepspeed or torchrun launcher)")
-    tr.add_argument("config", help="training JSON (the original project's keys)")
+    tr.add_argument("config", nargs="?", help="training JSON (the original project's keys; see --help-config)")
+    tr.add_argument("--help-config", action="store_true", help="list every config key with its type, default and "
+                                                               "meaning, then exit")
+    tr.add_argument("--markdown", action="store_true", help="with --help-config: as the README's Markdown table")
     tr.add_argument("--deepspeed", help="DeepSpeed JSON (ZeRO-2); overrides the config's 'deepspeed' key")
     tr.add_argument("--set", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (VALUE read as JSON when it parses)")

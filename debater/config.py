@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import json
 import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,64 +24,86 @@ LOSS_VARIANTS = {"vanilla": "last_token", "sd_only": "last_k_tokens", "cod_only"
 POOLING_MODES = ("last_step", "multi_view", "last_token")
 # Seed keys that belong to the HF Trainer and have no effect here.
 IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "overwrite_output_dir", "save_only_model",
-                     "per_device_eval_batch_size", "disable_tqdm", "num_train_epochs"}
+                     "per_device_eval_batch_size", "disable_tqdm", "num_train_epochs", "dataset_name"}
 
 
 class ConfigError(ValueError):
     """A training configuration that cannot be run as written."""
 
 
+def key(default=dataclasses.MISSING, help: str = "", factory=None):
+    """A config field with the help text that ``--help-config`` and the README's key table show."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model_name_or_path: str
-    dataset_file_path: str
-    output_dir: str
-    peft_model_name_or_path: str | None = None
-    dataset_name: str = "E5"
-    pooling_mode: str = "last_step"
-    learning_rate: float = 2e-4
-    warmup_steps: int = 300
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 64
-    negatives_per_query: int = 1  # hard negatives per query; rows with fewer are left out of the plan
-    gradient_accumulation_steps: int = 1
-    grad_cache_chunk_size: int = 0  # >0: gradient caching, encoding this many texts per forward (0: off)
-    max_seq_length: int = 512
-    query_max_length: int | None = None
-    stop_after_n_steps: int | None = 1000
-    logging_steps: int = 50
-    save_steps: int = 200
-    save_total_limit: int = 2
-    seed: int = 42
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None
-    gradient_checkpointing: bool = False
-    torch_dtype: str = "bfloat16"
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    cod_steps: int = 8
-    deliberation_prompt: str = DEFAULT_PROMPT
-    step_tokens: list[str] | None = None
-    step_token_init: str = "sampled"  # rows of added step tokens: "sampled" (vocabulary mean and covariance) or "eos"
-    train_step_rows: bool = False  # the released code keeps the step-token rows frozen and trains LoRA only
-    doc_body_max_length: int | None = None  # body tokens kept whatever the suffix costs (fair format comparisons)
-    loss_variant: str = "full"
-    scale: float = 30.0
-    cod_loss_weight: float = 0.5
-    sd_loss_weight: float = 0.5
-    resume_from_checkpoint: str | None = None
-    deepspeed: str | None = None
-    ignored_keys: list[str] = field(default_factory=list)
+    model_name_or_path: str = key(help="base decoder LM: a Hugging Face folder or hub name")
+    dataset_file_path: str = key(help="echo-data folder (jsonl, preprocessed by rank 0 into output_dir) or a "
+                                      "folder written by `make preprocess`")
+    output_dir: str = key(help="where the run writes checkpoints, TensorBoard, the adapter and its records")
+    peft_model_name_or_path: str | None = key(None, "adapter to start from (warm start): its LoRA weights and "
+                                                    "step rows")
+    pooling_mode: str = key("last_step", "what inference embeds a document with: last_step (the K-th view), "
+                                         "multi_view (all K, max-sim) or last_token (vanilla)")
+    learning_rate: float = key(2e-4, "peak AdamW learning rate")
+    warmup_steps: int = key(300, "linear warm-up steps")
+    lr_scheduler_type: str = key("cosine", "decay after warm-up over the planned epoch: cosine, linear or constant")
+    weight_decay: float = key(0.0, "AdamW weight decay")
+    max_grad_norm: float = key(1.0, "gradient clipping norm")
+    per_device_train_batch_size: int = key(64, "queries per rank per step; the global batch is this x ranks")
+    negatives_per_query: int = key(1, "hard negatives per query (k); rows with fewer are left out of the plan")
+    gradient_accumulation_steps: int = key(1, "must be 1: the contrastive loss needs the whole batch in one step "
+                                              "(use grad_cache_chunk_size for memory)")
+    grad_cache_chunk_size: int = key(0, "gradient caching: texts per forward pass; 0 turns it off")
+    max_seq_length: int = key(512, "max tokens per document (suffix included) and, by default, per query")
+    query_max_length: int | None = key(None, "max tokens per query (default: max_seq_length)")
+    stop_after_n_steps: int | None = key(1000, "steps to train (null: one pass over the planned batches); the "
+                                               "schedule still spans the whole plan")
+    logging_steps: int = key(50, "steps between TensorBoard/console logs")
+    save_steps: int = key(200, "steps between checkpoints")
+    save_total_limit: int = key(2, "checkpoints kept (the newest; 'latest' is never removed)")
+    seed: int = key(42, "seed of the batch plan, the LoRA initialisation and the dropout masks")
+    lora_r: int = key(16, "LoRA rank")
+    lora_alpha: int = key(32, "LoRA alpha")
+    lora_dropout: float = key(0.05, "LoRA dropout (masks keyed by text: the same on any number of ranks)")
+    lora_target_modules: list[str] | None = key(None, "module names to adapt (default: every linear layer of the "
+                                                      "transformer blocks)")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
+    torch_dtype: str = key("bfloat16", "weights dtype: bfloat16, float16 or float32 (an fp32 DeepSpeed config "
+                                       "loads float32, with a log line)")
+    attn_implementation: str = key("sdpa", "attention kernel: sdpa, eager or flash_attention_2 (falls back to "
+                                           "sdpa when unavailable)")
+    trust_remote_code: bool = key(False, "allow the model's own code (MiniCPM)")
+    cod_steps: int = key(8, "K, the number of deliberation steps (step tokens, document views)")
+    deliberation_prompt: str = key(DEFAULT_PROMPT, "text between a document and its step tokens ({k} is "
+                                                   "replaced by K); empty puts the steps right after the text")
+    step_tokens: list[str] | None = key(None, "the K step tokens (default: reserved tokens the tokenizer has, "
+                                              "else added <step_1>..)")
+    step_token_init: str = key("sampled", "rows of added step tokens: sampled (vocabulary mean and covariance) "
+                                          "or eos (copies of the EOS row)")
+    train_step_rows: bool = key(False, "train the step-token rows too (the released code keeps them frozen)")
+    doc_body_max_length: int | None = key(None, "document body tokens kept whatever the suffix costs (default: "
+                                                "what max_seq_length leaves)")
+    loss_variant: str = key("full", "full (CoD + SD), cod_only, sd_only or vanilla (last token, one view)")
+    scale: float = key(30.0, "scale of the cosine scores (1 / temperature)")
+    cod_loss_weight: float = key(0.5, "weight of the contrastive (CoD) loss")
+    sd_loss_weight: float = key(0.5, "weight of the self-distillation (SD) loss")
+    resume_from_checkpoint: str | None = key(None, "latest, or a checkpoint folder; on another number of ranks "
+                                                   "at the same global batch too")
+    deepspeed: str | None = key(None, "DeepSpeed JSON (the --deepspeed argument wins)")
+    ignored_keys: list[str] = key(help="(set by the loader) keys of the seed format that have no effect here",
+                                  factory=list)
 
     def __post_init__(self) -> None:
         if self.loss_variant not in LOSS_VARIANTS:
             raise ConfigError(f"loss_variant must be one of {sorted(LOSS_VARIANTS)}, got {self.loss_variant!r}")
         if self.pooling_mode == "last_token" and self.loss_variant != "vanilla":
-            self.pooling_mode = "last_step"  # the seed's value; the step view is the last token
+            log.info("pooling_mode 'last_token' (the seed config's value) with loss_variant %r: the last token of "
+                     "a document is its last step token, so inference embeds with 'last_step'", self.loss_variant)
+            self.pooling_mode = "last_step"
         if self.pooling_mode not in POOLING_MODES:
             raise ConfigError(f"pooling_mode must be one of {POOLING_MODES}, got {self.pooling_mode!r}")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
@@ -121,20 +145,61 @@ def _valid_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name != "ignored_keys"]
 
 
-_PY_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list[str]": (list,)}
-
-
-def _checked(key: str, value, annotation: str, source: str):
-    """Check a JSON value against the field's annotation; ints are accepted as floats."""
-    parts = [p.strip() for p in annotation.split("|")]
-    if value is None and "None" in parts:
+def _checked(key: str, value, hint, source: str):
+    """Check a JSON value against the field's type (``str``, ``int``, ``float``, ``bool``, ``list[str]``,
+    optionally ``| None``); ints are accepted as floats."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
         return None
-    base = next(p for p in parts if p != "None")
-    allowed = _PY_TYPES[base]
-    wrong_items = base == "list[str]" and isinstance(value, list) and not all(isinstance(v, str) for v in value)
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) or wrong_items:
-        raise ConfigError(f"{source}: key '{key}' should be {annotation}, got {value!r}")
-    return float(value) if base == "float" else value
+    base = next(t for t in allowed if t is not type(None))
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{source}: key '{key}' should be {_type_name(hint)}, got {value!r}")
+    return float(value) if base is float else value
+
+
+def _type_name(hint) -> str:
+    """``str or null``, ``list of str``: readable, and free of the ``|`` a Markdown table cannot hold."""
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return hint.__name__
+
+
+KEY_TABLE_START = "<!-- config keys: generated by `python -m debater train --help-config --markdown` -->"
+KEY_TABLE_END = "<!-- end of config keys -->"
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every key a config may set, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "ignored_keys":
+            continue
+        default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+            else json.dumps(f.default)
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata["help"]))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The README's key table (tests/test_config.py keeps the README equal to it)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {kind} | `{default}` | {text} |".replace("`required`", "required")
+              for name, kind, default, text in config_reference()]
+    ignored = ", ".join(f"`{k}`" for k in sorted(IGNORED_SEED_KEYS))
+    lines.append(f"\nAccepted for compatibility with the seed configs and named as having no effect: {ignored}.")
+    return "\n".join(lines) + "\n"
 
 
 def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
@@ -152,9 +217,9 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
     missing = [k for k in ("model_name_or_path", "dataset_file_path", "output_dir") if k not in kwargs]
     if missing:
         raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
     for key, value in kwargs.items():
-        kwargs[key] = _checked(key, value, types[key], source)
+        kwargs[key] = _checked(key, value, hints[key], source)
     if ignored:
         log.info("%s: keys with no effect in this trainer (accepted for compatibility): %s", source, ", ".join(ignored))
     try:

@@ -1,12 +1,14 @@
 """The training configuration (debater.config): the seed README config keeps working; mistakes are clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from debater.config import IGNORED_SEED_KEYS, ConfigError, TrainConfig, config_from_dict, load_config
+from debater.config import (IGNORED_SEED_KEYS, KEY_TABLE_END, KEY_TABLE_START, ConfigError, TrainConfig,
+                            config_from_dict, config_reference, config_reference_markdown, load_config)
 from debater.prompts import DEFAULT_PROMPT, EncodingSettings
 
 # The training config of the original DEBATER README (paths replaced).
@@ -51,7 +53,6 @@ def test_seed_readme_config_loads(tmp_path):
     assert isinstance(config, TrainConfig)
     assert config.model_name_or_path == "openbmb/MiniCPM-2B-dpo-bf16"
     assert config.peft_model_name_or_path is None
-    assert config.dataset_name == "E5"
     assert config.dataset_file_path == "/data/echo-data"
     assert config.output_dir == "/runs/debater"
     assert config.learning_rate == pytest.approx(2e-4) and isinstance(config.learning_rate, float)
@@ -68,9 +69,10 @@ def test_seed_readme_config_loads(tmp_path):
     assert config.seed == 42
     # the seed's "last_token" pooling means the last (step) token of the full DEBATER model
     assert config.loss_variant == "full" and config.pooling_mode == "last_step"
-    # HF-Trainer-only keys are accepted and recorded as ignored
+    # HF-Trainer-only keys, and dataset_name (E5 is the only format), are accepted and recorded as ignored
     assert set(config.ignored_keys) == {"remove_unused_columns", "num_train_epochs", "per_device_eval_batch_size",
-                                        "do_train", "disable_tqdm", "overwrite_output_dir", "save_only_model"}
+                                        "do_train", "disable_tqdm", "overwrite_output_dir", "save_only_model",
+                                        "dataset_name"}
     assert set(config.ignored_keys) <= IGNORED_SEED_KEYS
     json.dumps(config.to_dict())  # round-trips to JSON
 
@@ -228,3 +230,29 @@ def test_gradient_cache_chunk_is_a_count_of_texts():
     assert config_from_dict({**SEED_CONFIG, "grad_cache_chunk_size": 16}).grad_cache_chunk_size == 16
     with pytest.raises(ConfigError, match="grad_cache_chunk_size must be >= 0"):
         config_from_dict({**SEED_CONFIG, "grad_cache_chunk_size": -1})
+
+
+def test_every_key_has_help_and_the_readme_table_is_generated_from_it():
+    reference = config_reference()
+    assert {name for name, *_ in reference} == {f.name for f in dataclasses.fields(TrainConfig)} - {"ignored_keys"}
+    assert all(text for *_, text in reference)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = readme.index(KEY_TABLE_START) + len(KEY_TABLE_START), readme.index(KEY_TABLE_END)
+    assert readme[start:end].strip() == config_reference_markdown().strip(), \
+        "README key table is stale: paste `python -m debater train --help-config --markdown` between its markers"
+
+
+def test_help_config_lists_every_key_with_its_default(capsys):
+    from debater.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for name, kind, default, _ in config_reference():
+        assert name in out and default in out
+
+
+@pytest.mark.parametrize("key, value", [("lora_target_modules", ["q_proj", 3]), ("seed", 1.5), ("seed", True),
+                                        ("learning_rate", "high"), ("gradient_checkpointing", 1)])
+def test_types_are_checked_from_the_annotations(key, value):
+    with pytest.raises(ConfigError, match=f"key '{key}' should be"):
+        config_from_dict({**SEED_CONFIG, key: value})
