@@ -195,7 +195,7 @@ def config_reference() -> list[tuple[str, str, str, str]]:
 def config_reference_markdown() -> str:
     """The README's key table (tests/test_config.py keeps the README equal to it)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{name}` | {kind} | `{default}` | {text} |".replace("`required`", "required")
+    lines += [f"| `{name}` | {kind} | {default if default == 'required' else f'`{default}`'} | {text} |"
               for name, kind, default, text in config_reference()]
     ignored = ", ".join(f"`{k}`" for k in sorted(IGNORED_SEED_KEYS))
     lines.append(f"\nAccepted for compatibility with the seed configs and named as having no effect: {ignored}.")

@@ -125,12 +125,13 @@ class TrainingStep:
         if first_pass:
             chunk.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_accelerator else None)
             return self._side(chunk, self.encode(chunk.inputs))
-        if chunk.rng is None:
-            return self._side(chunk, self.engine.module(**chunk.inputs))
-        with torch.random.fork_rng(devices=[device] if on_accelerator else [], device_type=device.type):
-            torch.set_rng_state(chunk.rng[0])
-            if on_accelerator:
-                torch.cuda.set_rng_state(chunk.rng[1], device)
+        replay = chunk.rng is not None
+        with torch.random.fork_rng(devices=[device] if on_accelerator else [], device_type=device.type,
+                                   enabled=replay):
+            if replay:
+                torch.set_rng_state(chunk.rng[0])
+                if on_accelerator:
+                    torch.cuda.set_rng_state(chunk.rng[1], device)
             return self._side(chunk, self.engine.module(**chunk.inputs))
 
     @staticmethod
