@@ -140,6 +140,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
                      config.trust_remote_code)
         log.info("adapter exported to %s", output_dir / "adapter")
     distributed.barrier()
+    distributed.shutdown()
     return output_dir
 
 
