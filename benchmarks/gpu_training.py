@@ -1,0 +1,136 @@
+"""The correctness part of `make gpu-check`: three trainings through the launcher users run, side by side,
+then every trained adapter and the base model evaluated.
+
+Arms: vanilla (last token, one view), full in the paper's document format (prompt, existing frozen rows as
+step tokens), and full in the format that learns soonest at small scale (added rows started as EOS copies
+and trained, no prompt). Each run must log a finite gradient norm at every step and end with an adapter
+that moved (LoRA's B matrices start at zero, so any non-zero entry is the optimizer's doing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from debater.bench.ablation import ARMS, BASE_CONFIG, PAPER_FORMAT, start_training
+from debater.bench.common import tensorboard_scalars
+from debater.bench.launched import free_port
+
+TRAINING_ARMS = {"vanilla": ARMS["vanilla"], "full_paper_format": {**PAPER_FORMAT, **ARMS["full"]},
+                 "full_small_scale_format": ARMS["full_eos_no_prompt"]}
+
+
+def arm_config(arm: str, run: Path, settings: dict) -> dict:
+    """The demo config, the arm, then the settings of this check (batch, steps, dtype, data)."""
+    config = json.loads(BASE_CONFIG.read_text())
+    config.update(PAPER_FORMAT)
+    config.update(TRAINING_ARMS[arm])
+    config.update({"output_dir": str(run), "logging_steps": 1, **settings})
+    config["save_steps"] = config["stop_after_n_steps"]
+    return config
+
+
+def train_arms(out: Path, settings: dict, jobs: int, deadline: float) -> dict[str, dict]:
+    """Launch every arm (``jobs`` at once), stop any still running at ``deadline`` (time.monotonic());
+    returns each arm's exit code, seconds and log."""
+    pending, running, done = list(TRAINING_ARMS), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            arm = pending.pop(0)
+            run = out / arm
+            process = start_training(arm_config(arm, run, settings), 1, free_port())
+            running[arm] = (process, time.monotonic())
+        time.sleep(1)
+        for arm, (process, start) in list(running.items()):
+            late = time.monotonic() > deadline
+            if late and process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+                process.wait()
+            if process.poll() is not None:
+                del running[arm]
+                done[arm] = {"exit": process.returncode, "seconds": round(time.monotonic() - start),
+                             "log": str(out / f"{arm}.log"), **({"stopped_at_deadline": True} if late else {})}
+    return done
+
+
+def adapter_moved(run: Path) -> float:
+    """The largest |entry| of the exported adapter's LoRA B matrices (0: the optimizer never changed them)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return max(float(t.abs().max()) for name, t in weights.items() if "lora_B" in name)
+
+
+def check_run(run: Path, steps: int) -> dict:
+    """Finite gradient norms at every step and a moved adapter; the loss and top-1 curves for the plot."""
+    grad_norms = tensorboard_scalars(run, "train/grad_norm")
+    losses = tensorboard_scalars(run, "loss/total")
+    top1 = tensorboard_scalars(run, "train/in_batch_top1")
+    finite = [s for s, v in grad_norms.items() if math.isfinite(v) and v > 0]
+    last = lambda curve: round(curve[max(curve)], 4) if curve else None  # noqa: E731
+    result = {"steps_logged": len(grad_norms), "steps_with_finite_grad_norm": len(finite),
+              "first_loss": round(losses[min(losses)], 4) if losses else None, "last_loss": last(losses),
+              "last_in_batch_top1": last(top1), "curves": {"loss": losses, "top1": top1}}
+    problems = []
+    if len(grad_norms) < steps:
+        problems.append(f"{len(grad_norms)} of {steps} steps logged")
+    if len(finite) < len(grad_norms):
+        problems.append(f"{len(grad_norms) - len(finite)} steps with a zero or non-finite gradient norm")
+    if (run / "adapter").exists():
+        result["largest_lora_b"] = adapter_moved(run)
+        if result["largest_lora_b"] == 0:
+            problems.append("the adapter did not move")
+    else:
+        problems.append("no adapter exported")
+    result.update({"ok": not problems, "problems": problems})
+    return result
+
+
+def plot_curves(checks: dict[str, dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, top1_axes = figure.subplots(1, 2)
+    for arm, check in checks.items():
+        for axes, curve in ((loss_axes, "loss"), (top1_axes, "top1")):
+            points = sorted(check["curves"][curve].items())
+            axes.plot([s for s, _ in points], [v for _, v in points], label=arm)
+    loss_axes.set(xlabel="step", ylabel="training loss", title="Loss")
+    top1_axes.set(xlabel="step", ylabel="in-batch top-1", title="In-batch top-1 (all ranks' candidates)")
+    for axes in (loss_axes, top1_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
+def evaluate(models: list[str], tasks: str, out: Path, extra: list[str]) -> dict:
+    """nDCG@10 and the other metrics of every model, through `python -m debater eval`."""
+    command = [sys.executable, "-m", "debater", "eval", "--tasks", tasks, "--out", str(out), *extra]
+    for model in models:
+        command += ["--model", model]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    results = json.loads((out / "results.json").read_text())["results"]
+    return {model: next(iter(entry["scores"].values())) for model, entry in results.items()}
+
+
+def run(out: Path, settings: dict, jobs: int, deadline: float, base_model: str, tasks: str,
+        eval_args: list[str]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    launched = train_arms(out, settings, jobs, deadline)
+    checks = {arm: {**launched[arm], **check_run(out / arm, settings["stop_after_n_steps"])} for arm in TRAINING_ARMS}
+    plot_curves(checks, out / "loss_curves.png")
+    labels = {base_model: "base model (untrained)"}
+    labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
+    scores = {labels[model]: values for model, values in evaluate(list(labels), tasks, out / "eval", eval_args).items()}
+    for check in checks.values():
+        check["curves"] = {name: {str(s): round(v, 4) for s, v in curve.items()} for name, curve in check["curves"].items()}
+    return {"arms": checks, "scores": scores, "loss_curves": str(out / "loss_curves.png"),
+            "ok": all(check["ok"] for check in checks.values())}
