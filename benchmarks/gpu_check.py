@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +47,8 @@ def plan(smoke: bool, out: Path, steps: int | None) -> dict:
                 "training": {"dataset_file_path": "assets/data/debian/echo-data", "per_device_train_batch_size": 256,
                              "negatives_per_query": 1, "stop_after_n_steps": steps or 150, "max_seq_length": 64,
                              "query_max_length": 48, "doc_body_max_length": 44, "torch_dtype": "bfloat16",
-                             "attn_implementation": "sdpa", "grad_cache_chunk_size": 128, "warmup_steps": 10}}
+                             "attn_implementation": "sdpa", "grad_cache_chunk_size": 128, "warmup_steps": 10,
+                             "save_steps": 25}}
     model = out / "tiny-model"
     if not (model / "config.json").exists():
         build_tiny_model(model, echo_texts(FIXTURES / "echo" / "tiny_retrieval.jsonl"))
@@ -72,9 +74,10 @@ def environment(smoke: bool) -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
-        query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True)
-        info["driver"] = query.stdout.strip() or None
+        if shutil.which("nvidia-smi"):
+            query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True)
+            info["driver"] = query.stdout.strip() or None
     return info
 
 
@@ -155,10 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
     parser.add_argument("--smoke", action="store_true", help="the smoke run even when a GPU is present")
     parser.add_argument("--steps", type=int, help="training steps per run (default: 150 on a GPU, 3 in a smoke run)")
-    parser.add_argument("--budget-s", type=float, help="wall-clock budget (default: 450 on a GPU, 170 in a smoke run)")
+    parser.add_argument("--budget-s", type=float, help="wall-clock budget after set-up (default: 360 on a GPU, 170 in a smoke run); "
+                        "training runs still going when only the evaluation's share is left are stopped and judged on "
+                        "their last checkpoint")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
-    budget = args.budget_s or (170 if smoke else 450)
+    budget = args.budget_s or (170 if smoke else 360)
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out, smoke)
     settings = plan(smoke, args.out, args.steps)

@@ -30,8 +30,8 @@ def arm_config(arm: str, run: Path, settings: dict) -> dict:
     config = json.loads(BASE_CONFIG.read_text())
     config.update(PAPER_FORMAT)
     config.update(TRAINING_ARMS[arm])
-    config.update({"output_dir": str(run), "logging_steps": 1, **settings})
-    config["save_steps"] = config["stop_after_n_steps"]
+    config.update({"output_dir": str(run), "logging_steps": 1, "save_steps": settings["stop_after_n_steps"],
+                   "save_total_limit": 1, **settings})
     return config
 
 
@@ -66,8 +66,15 @@ def adapter_moved(run: Path) -> float:
     return max(float(t.abs().max()) for name, t in weights.items() if "lora_B" in name)
 
 
+def export_latest_checkpoint(run: Path) -> None:
+    """A run stopped at the deadline exported no adapter: export its latest checkpoint in its place."""
+    if (run / "checkpoints" / "latest").exists() and not (run / "adapter").exists():
+        subprocess.run([sys.executable, "-m", "debater", "export", "--checkpoint", str(run), "--out",
+                        str(run / "adapter")], check=True, capture_output=True)
+
+
 def check_run(run: Path, steps: int) -> dict:
-    """Finite gradient norms at every step and a moved adapter; the loss and top-1 curves for the plot."""
+    """Finite gradient norms at every step run (``steps``) and a moved adapter; the curves for the plot."""
     grad_norms = tensorboard_scalars(run, "train/grad_norm")
     losses = tensorboard_scalars(run, "loss/total")
     top1 = tensorboard_scalars(run, "train/in_batch_top1")
@@ -125,7 +132,13 @@ def run(out: Path, settings: dict, jobs: int, deadline: float, base_model: str, 
         eval_args: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     launched = train_arms(out, settings, jobs, deadline)
-    checks = {arm: {**launched[arm], **check_run(out / arm, settings["stop_after_n_steps"])} for arm in TRAINING_ARMS}
+    checks = {}
+    for arm in TRAINING_ARMS:
+        steps = settings["stop_after_n_steps"]
+        if launched[arm].get("stopped_at_deadline"):  # as many steps as fitted: judge those, from the last checkpoint
+            export_latest_checkpoint(out / arm)
+            steps = max(1, len(tensorboard_scalars(out / arm, "train/grad_norm")))
+        checks[arm] = {**launched[arm], **check_run(out / arm, steps)}
     plot_curves(checks, out / "loss_curves.png")
     labels = {base_model: "base model (untrained)"}
     labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})

@@ -25,6 +25,9 @@ import torch
 
 SHAPE = Path("launch/configs/minicpm2-2b-shape.json")
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM dense bf16, vendor datasheet
+FORMULA = ("model FLOPs/token = 4 P + 6 P_lora + 12 s d L (frozen base: forward 2P + 2P_lora + 4sdL, backward "
+           "2P + 4P_lora + 8sdL); hardware FLOPs add checkpointing's second forward: 6 P + 8 P_lora + 16 s d L; "
+           "MFU = model FLOPs/token x tokens/s / peak")
 
 
 def build_random_model(shape: Path, tokenizer_from: Path, out: Path, dtype: torch.dtype) -> Path:
@@ -84,12 +87,27 @@ def random_batch(queries: int, negatives: int, seq: int, vocab: int, device) -> 
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def timed_steps(step, batch: dict[str, torch.Tensor], count: int, work: Path) -> tuple[list[float], object, float]:
+    """Seconds of each of ``count`` whole steps (forward, backward, optimizer), the last loss and gradient norm."""
+    device = batch["query_ids"].device
+    times = []
+    for number in range(count):
+        sync(device)
+        start = time.perf_counter()
+        parts = step.forward_backward(batch)
+        grad_norm = step.update(number + 1, str(work))
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, parts, grad_norm
+
+
 def measure(args: argparse.Namespace) -> dict:
     import deepspeed
     from transformers import AutoTokenizer
 
     from debater import distributed
     from debater.config import config_from_dict
+    from debater.keyed_dropout import KeyedDropout
     from debater.model import avoid_cudnn_attention_backward, build_training_encoder
     from debater.train import build_ds_config, seed_everything
     from debater.training_step import TrainingStep
@@ -117,17 +135,13 @@ def measure(args: argparse.Namespace) -> dict:
     step = TrainingStep(engine, config, None)
     batch = random_batch(args.queries, 1, args.seq, len(tokenizer), engine.device)
     tokens = batch["query_ids"].numel() + batch["doc_ids"].numel()
-    times = []
-    for number in range(1 + args.timed_steps):  # the first step warms up (kernels, allocator)
-        if number == 1 and gpu:
-            torch.cuda.reset_peak_memory_stats()
-        sync(engine.device)
-        start = time.perf_counter()
-        parts = step.forward_backward(batch)
-        grad_norm = step.update(number + 1, str(args.work))
-        sync(engine.device)
-        times.append(time.perf_counter() - start)
+    times, parts, grad_norm = timed_steps(step, batch, 1 + args.timed_steps, args.work)  # the first warms up
     seconds = min(times[1:])
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    for module in encoder.modules():  # what the hashed LoRA dropout masks cost: the same steps without them
+        if isinstance(module, KeyedDropout):
+            module.p = 0.0
+    no_dropout_seconds = min(timed_steps(step, batch, args.timed_steps, args.work)[0])
     flops = flops_per_token(encoder.backbone.config, sum(p.numel() for p in trainable), args.seq)
     tokens_per_s = tokens / seconds
     result = {"shape": str(args.shape), "device": torch.cuda.get_device_name(0) if gpu else "cpu", "dtype": dtype,
@@ -135,11 +149,12 @@ def measure(args: argparse.Namespace) -> dict:
               "queries": args.queries, "texts": batch["query_ids"].shape[0] + batch["doc_ids"].shape[0],
               "seq": args.seq, "tokens_per_step": tokens, "build_model_s": round(built_s, 1),
               "step_s": [round(t, 3) for t in times], "tokens_per_s": round(tokens_per_s),
-              "loss": float(parts.total.detach()), "grad_norm": grad_norm, "flops_per_token": flops,
+              "lora_dropout": config.lora_dropout, "tokens_per_s_without_lora_dropout": round(tokens / no_dropout_seconds),
+              "loss": float(parts.total.detach()), "grad_norm": grad_norm, "flops_per_token": flops, "flop_formula": FORMULA,
               "model_tflops": round(flops["model"] * tokens_per_s / 1e12, 1),
               "hardware_tflops": round(flops["hardware"] * tokens_per_s / 1e12, 1)}
     if gpu:
-        result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_gb"] = round(peak_gb, 2)
         result["matmul_tflops"] = round(matmul_tflops(engine.device, torch.bfloat16, 8192), 1)
         result["mfu_vs_datasheet"] = round(result["model_tflops"] / PEAK_BF16_TFLOPS, 4)
         result["mfu_vs_measured_matmul"] = round(result["model_tflops"] / result["matmul_tflops"], 4)
