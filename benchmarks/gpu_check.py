@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.budget_s or (170 if smoke else 360)
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out, smoke)
+    if smoke:
+        print(f"gpu-check: {SMOKE_NOTE}", flush=True)
     settings = plan(smoke, args.out, args.steps)
     report.part("environment", environment, smoke)
     report.part("attention", run_part_process, "benchmarks.attention_check", ["--model", settings["model"]],
