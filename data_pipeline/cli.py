@@ -7,13 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.cli_support import run_command
+from debater.core.cli_support import run_command
 
 log = logging.getLogger("data_pipeline")
 
 
 def _settings(args):
-    from debater.config import config_from_dict, load_config
+    from debater.core.config import config_from_dict, load_config
 
     if args.config:
         config = load_config(args.config, {"model_name_or_path": args.model})

@@ -29,7 +29,8 @@ from data_pipeline.mine import MineCounts, mine_bm25, mined_for_lines
 from data_pipeline.pieces import Piece, split_lines
 from data_pipeline.reader import ReadCounts, Row, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
-from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
+from debater.core.errors import UserError
+from debater.core.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -46,7 +47,7 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError):
     """Input that cannot be preprocessed; the message says what to fix."""
 
 

@@ -6,17 +6,17 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.cli_support import config_override, run_command
+from debater.core.cli_support import config_override, run_command
 
 log = logging.getLogger("debater")
 
 
 def cmd_train(args) -> int:
-    from debater.config import load_config
+    from debater.core.config import load_config
     from debater.train import train
 
     if args.help_config:
-        from debater.config import config_reference, config_reference_markdown
+        from debater.core.config import config_reference, config_reference_markdown
 
         if args.markdown:
             print(config_reference_markdown(), end="")

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.loader import left_pad
+from debater.core.padding import left_pad
+from debater.core.prompts import TextFormatter
 from debater.model import DebaterEncoder, load_encoder
-from debater.prompts import TextFormatter
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fingerprint
 from debater import checkpoint, distributed
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
 from debater.training_step import TrainingError, TrainingStep

@@ -10,9 +10,10 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-from data_pipeline.loader import PreprocessedData, RankLoader, left_pad
+from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_plan import BatchPlan, plan_batches
 from data_pipeline.stage_tokenize import MANIFEST_NAME, SHARD_SCHEMA
+from debater.core.padding import left_pad
 
 PAD = 0
 Q, P, N = 100_000, 200_000, 300_000  # id ranges that encode the global row id in each sequence

@@ -16,7 +16,7 @@ from conftest import FIXTURES, ROOT
 from data_pipeline import stage_tokenize
 from data_pipeline.registry import ECHO_INSTRUCTIONS, RegistryError
 from data_pipeline.stage_tokenize import MANIFEST_NAME, PreprocessError, preprocess
-from debater.prompts import EncodingSettings
+from debater.core.prompts import EncodingSettings
 
 DOC_MAX, QUERY_MAX, K = 24, 16, 4
 FIXTURE_ROWS = 24  # rows in tests/fixtures/echo/tiny_retrieval.jsonl
@@ -203,7 +203,7 @@ def test_formatter_backend_ids_equal_the_tokenizer_call(tiny_model, side):
     """The direct Rust-backend path gives tokenizer(...)'s ids, and leaves later tokenizer calls unchanged."""
     from transformers import AutoTokenizer
 
-    from debater.prompts import TextFormatter, resolve_step_tokens
+    from debater.core.prompts import TextFormatter, resolve_step_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.truncation_side = side
@@ -606,7 +606,7 @@ def test_bm25_mining_never_returns_the_own_positive(tmp_path):
 
 def test_preprocess_with_mining_appends_the_mined_negatives(tmp_path, tiny_model, monkeypatch):
     from data_pipeline.mine import mine_bm25, mined_for_lines
-    from debater.prompts import TextFormatter
+    from debater.core.prompts import TextFormatter
 
     data = tmp_path / "data"
     data.mkdir()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import FIXTURES
 from debater.bench.view_signal import FORMATS, base_encoder, read_rows, statistics
+from debater.core.prompts import TextFormatter
 from debater.model import load_encoder
-from debater.prompts import TextFormatter
 
 INSTRUCTION = "Given a query, retrieve the matching document:"
 SCALE = 30.0

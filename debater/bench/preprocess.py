@@ -25,7 +25,7 @@ from pathlib import Path
 
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
 from debater.bench.common import write_result
-from debater.prompts import EncodingSettings
+from debater.core.prompts import EncodingSettings
 
 ORIGINAL_BATCH = 64
 BARE_BATCH = 10_000
@@ -89,7 +89,7 @@ def time_original(path: Path, tokenizer, settings: EncodingSettings, instruction
 
 def speed(args) -> dict:
     from data_pipeline.stage_tokenize import load_tokenizer
-    from debater.prompts import TextFormatter
+    from debater.core.prompts import TextFormatter
 
     settings = EncodingSettings(query_max_length=args.max_length, doc_max_length=args.max_length)
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import left_pad
 from debater.bench.common import write_result
-from debater.config import config_from_dict
+from debater.core.config import config_from_dict
+from debater.core.padding import left_pad
+from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
-from debater.prompts import TextFormatter
 
 INSTRUCTION = "Given the one-line summary of a Debian package, retrieve the package's full description:"
 

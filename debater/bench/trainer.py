@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import left_pad
 from data_pipeline.reader import ReadCounts, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
 from debater.bench.common import write_result
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
+from debater.core.padding import left_pad
+from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
-from debater.prompts import TextFormatter
 
 SEPARATOR = "!@#$%^&*()"  # the original marks the instruction's end inside the query text
 CPU_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2_cpu.json"

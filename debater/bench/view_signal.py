@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import left_pad
 from debater.bench.common import write_result
+from debater.core.padding import left_pad
+from debater.core.prompts import EncodingSettings, TextFormatter
 from debater.losses import view_scores
 from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
-from debater.prompts import EncodingSettings, TextFormatter
 
 INSTRUCTION_FILE = "assets/data/debian/echo-data/datasets.json"  # the instruction training uses
 ADDED = [f"<step_{i}>" for i in range(1, 9)]

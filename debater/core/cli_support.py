@@ -8,6 +8,8 @@ import logging
 import os
 import warnings
 
+from debater.core.errors import USER_ERRORS
+
 
 def setup_logging(verbose: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
@@ -36,9 +38,6 @@ def config_override(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
-
-
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
 
 
 def run_command(parser, argv: list[str] | None, logger: logging.Logger) -> int:

@@ -15,7 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debater.prompts import DEFAULT_PROMPT, STEP_TOKEN_INITS, EncodingSettings
+from debater.core.errors import UserError
+from debater.core.prompts import DEFAULT_PROMPT, STEP_TOKEN_INITS, EncodingSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "overwrite_output_dir"
                      "per_device_eval_batch_size", "disable_tqdm", "num_train_epochs", "dataset_name"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A training configuration that cannot be run as written."""
 
 
