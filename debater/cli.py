@@ -56,7 +56,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from debater.embeddings import encode_corpus
+    from debater.encode_command import encode_corpus
 
     print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length))
     return 0

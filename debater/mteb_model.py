@@ -5,7 +5,7 @@ import numpy as np
 
 from debater.beir import DEFAULT_INSTRUCTION, BeirData
 from debater.core.errors import UserError
-from debater.encode import TextEncoder
+from debater.inference_encoder import TextEncoder
 
 # Query instructions per BEIR task, as the released evaluation uses them.
 BEIR_INSTRUCTIONS = {

@@ -12,8 +12,8 @@ from conftest import ROOT, fixture_texts, training_env
 
 from debater.cli import main
 from debater.core.prompts import EncodingSettings
-from debater.encode import TextEncoder
 from debater.export import MERGED, export_checkpoint
+from debater.inference_encoder import TextEncoder
 from debater.model import DebaterEncoder, load_encoder
 
 pytestmark = pytest.mark.launcher

@@ -75,7 +75,8 @@ def test_every_package_file_is_checked():
     ("debater/core/prompts.py", "from .. import train\n", "debater.train"),
     ("data_pipeline/loader.py", "from debater import distributed\n", "debater.distributed"),
     ("data_pipeline/cli.py", "from debater.config import load_config\n", "debater.config.load_config"),
-    ("debater/encode.py", "from benchmarks.common import write_result\n", "benchmarks.common.write_result"),
+    ("debater/inference_encoder.py", "from benchmarks.common import write_result\n",
+     "benchmarks.common.write_result"),
 ])
 def test_an_import_back_up_a_layer_fails(tmp_path, file, source, bad):
     for package in PACKAGES:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from debater.beir import read_texts
 from debater.bench.common import write_result
 from debater.core.padding import left_pad
-from debater.encode import TextEncoder, inference_devices, load_text_encoder
+from debater.inference_encoder import TextEncoder, inference_devices, load_text_encoder
 
 
 def naive_document_views(text_encoder: TextEncoder, texts: list[str]) -> np.ndarray:

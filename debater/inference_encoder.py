@@ -1,4 +1,4 @@
-"""Batch encoding for inference.
+"""Batch encoding for inference (the inference encoder that `eval`, `search` and `encode` load models with).
 
 Texts are sorted by length so each batch pads little; the batches are shared
 out to one model replica per device (every GPU, else the CPU), each replica
