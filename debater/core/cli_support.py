@@ -10,6 +10,9 @@ import warnings
 
 from debater.core.errors import USER_ERRORS
 
+# the embedded default model that `make assets` converts: the default of every --model (and convert-model --out)
+EMBEDDED_MODEL = "assets/models/smollm2-135m"
+
 
 def setup_logging(verbose: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
