@@ -29,7 +29,7 @@ from benchmarks.common import benchmark_parser, write_result
 from data_pipeline.reader import ReadCounts, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
 from debater.core.config import TrainConfig
-from debater.core.padding import left_pad
+from debater.core.padding import left_pad, pad_token_id
 from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
 
@@ -65,7 +65,7 @@ class RawTextCollator:
     def __init__(self, tokenizer, settings):
         self.tokenizer = tokenizer
         self.formatter = TextFormatter(tokenizer, settings)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
 
     def _embedded_lengths(self, marked: list[str]) -> torch.Tensor:
         """The original's extra tokenizer call per text: the length of the part after the instruction

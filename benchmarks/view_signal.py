@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import benchmark_parser, write_result
-from debater.core.padding import left_pad
+from debater.core.padding import left_pad, pad_token_id
 from debater.core.prompts import EncodingSettings, TextFormatter
 from debater.losses import view_scores
 from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
@@ -52,7 +52,7 @@ def read_rows(path: Path, count: int, stride: int) -> list[dict]:
 def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction: str, scale: float) -> dict:
     """Score statistics of one encoder: queries against every positive and negative of the batch."""
     formatter = TextFormatter(tokenizer, encoder.settings)
-    pad_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     queries = formatter.queries([r["query"] for r in rows], [instruction] * len(rows))
     documents = formatter.documents([r["positive"] for r in rows] + [r["negative"] for r in rows])
     with torch.no_grad():
