@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import warnings
 
 from debater.core.errors import USER_ERRORS
@@ -22,13 +23,26 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    try:
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers logs errors only and draws no progress bars. When it is not imported yet this is set up
+    without importing it (that alone takes a second or more, which a command with nothing to do, such as a
+    cached ``make preprocess``, should not pay): its logger reads TRANSFORMERS_VERBOSITY when it is first
+    configured, and its progress-bar switch starts from huggingface_hub's, turned off here."""
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError:
-        pass
+        return
+    disable_progress_bars()
 
 
 def config_override(text: str) -> tuple[str, object]:
