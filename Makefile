@@ -32,7 +32,7 @@ help:
 	@echo "  test           the test suite"
 	@echo "  test-fast      the tests that start no launcher (no DeepSpeed, torchrun or pdsh launch)"
 	@echo "  cluster-tools  as root: sshd and pdsh for the hostfile launcher test"
-	@echo "  bench          the long benchmarks, into runs/bench/report.md"
+	@echo "  bench          the long benchmarks (python -m benchmarks lists them), into runs/bench/report.md"
 	@echo "  wheelhouse     wheels, Debian data and model for an offline GPU machine, in wheelhouse/parcel-N"
 	@echo "  gpu-check      the GPU check into runs/gpu-check/ (a smoke run without a GPU) [GPU_CHECK_ARGS]"
 	@echo "  tensorboard    TensorBoard over runs/"
@@ -81,20 +81,20 @@ cluster-tools:
 
 # long-running (hours on 2 CPU cores): the speed ratios, checkpointing memory, then the ablation (see README)
 bench: assets
-	$(PY) -m debater.bench.preprocess --memory --out $(BENCH)/preprocess.json
-	$(PY) -m debater.bench.train_step --out $(BENCH)/train_step.json
-	$(PY) -m debater.bench.trainer --out $(BENCH)/trainer.json
-	$(PY) -m debater.bench.encoding --model $(MODEL_DIR) --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding.json
-	$(PY) -m debater.bench.view_signal --out $(BENCH)/view_signal.json
-	$(PY) -m debater.bench.checkpointing_memory --out $(BENCH)/checkpointing_memory
-	$(PY) -m debater.bench.grad_cache --batches 2 8 16 --chunk 8 --out $(BENCH)/grad_cache
-	$(PY) -m debater.bench.grad_cache --batches 32 --nproc 2 --modes cached --chunk 8 --length 128 --steps 1 --out $(BENCH)/grad_cache_global64
-	$(PY) -m debater.bench.ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
-	$(PY) -m debater.bench.ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation
-	$(PY) -m debater.bench.report $(BENCH)
+	$(PY) -m benchmarks preprocess --memory --out $(BENCH)/preprocess
+	$(PY) -m benchmarks train_step --out $(BENCH)/train_step
+	$(PY) -m benchmarks trainer --out $(BENCH)/trainer
+	$(PY) -m benchmarks encoding --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding
+	$(PY) -m benchmarks view_signal --out $(BENCH)/view_signal
+	$(PY) -m benchmarks checkpointing_memory --out $(BENCH)/checkpointing_memory
+	$(PY) -m benchmarks grad_cache --batches 2 8 16 --chunk 8 --out $(BENCH)/grad_cache
+	$(PY) -m benchmarks grad_cache --batches 32 --nproc 2 --modes cached --chunk 8 --length 128 --steps 1 --out $(BENCH)/grad_cache_global64
+	$(PY) -m benchmarks ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
+	$(PY) -m benchmarks ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation
+	$(PY) -m benchmarks report $(BENCH)
 
 wheelhouse: assets
-	$(PY) -m benchmarks.wheelhouse pack
+	$(PY) -m debater.wheelhouse pack
 
 # no `setup` prerequisite: on a GPU machine the script runs with that machine's python3 and the wheelhouse
 gpu-check:

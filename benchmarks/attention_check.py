@@ -1,4 +1,4 @@
-"""Which attention kernel training really runs, and whether sdpa computes what eager attention computes.
+"""Which attention kernel training really runs, and whether sdpa computes what eager attention does.
 
 The backend is flash_attention_2 when flash-attn is importable on a GPU, else sdpa (the trainer's own
 choice, ``choose_attention``). The kernels are read from the profiler over one forward and backward. Then one
@@ -9,11 +9,11 @@ tensor must agree within the dtype's tolerance, as relative L2 errors ||a - b|| 
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import benchmark_parser, write_result
 
 # relative L2 error allowed between sdpa and eager: bf16 operands round at ~4e-3 per product, over many layers
 TOLERANCE = {"bfloat16": {"embeddings": 2e-2, "gradients": 5e-2}, "float32": {"embeddings": 1e-4, "gradients": 1e-3}}
@@ -23,7 +23,7 @@ KERNEL_WORDS = ("attention", "flash", "fmha")  # in the names of sdpa's, flash-a
 def build(model: Path, attention: str, dtype: str, device: torch.device):
     from transformers import AutoTokenizer
 
-    from debater.config import config_from_dict
+    from debater.core.config import config_from_dict
     from debater.model import build_training_encoder
     from debater.train import seed_everything
 
@@ -110,18 +110,12 @@ def check(model: Path) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--json", type=Path, help="write the result here")
-    args = parser.parse_args(argv)
-    result = check(args.model)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if not result["ok"]:
-        raise SystemExit("sdpa and eager attention disagree beyond tolerance (or a value is not finite)")
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> int:
+    args = benchmark_parser("attention_check", __doc__).parse_args(argv)
+    result = check(Path(args.model))
+    errors = result["sdpa_vs_eager"]
+    result["summary"] = (f"attention: {result['backend']} ({result['dtype']}); sdpa vs eager relative error "
+                         f"{errors['embeddings']:.2e} (embeddings), {errors['gradients']:.2e} (gradients): "
+                         + ("within tolerance" if result["ok"] else "BEYOND TOLERANCE or not finite"))
+    write_result(result, args.out, args.model)
+    return 0 if result["ok"] else 1

@@ -1,4 +1,4 @@
-"""`make gpu-check`: the real job proven on a GPU in one command, or the same script as a smoke run without one.
+"""`make gpu-check`: the real job proven on a GPU in one command (a smoke run where there is no GPU).
 
 With a CUDA GPU (after launch/gpu_check.sh has installed the wheelhouse and converted the model) it runs,
 within a wall-clock budget, and writes OUT/report.json and OUT/report.md after every part:
@@ -12,7 +12,6 @@ only shows the script works, and says so in the report.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_training
+from benchmarks.common import benchmark_parser
 from benchmarks.tiny_model import build_tiny_model, echo_texts
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "datasets", "mteb", "pyarrow", "flash-attn")
@@ -141,21 +141,22 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_part_process(module: str, args: list[str], json_out: Path, timeout: float) -> dict:
-    """A part in its own process (a crash or an out-of-memory there cannot take the report with it)."""
-    log = json_out.with_suffix(".log")
+def run_part_process(name: str, args: list[str], out: Path, timeout: float) -> dict:
+    """A benchmark in its own process (a crash or an out-of-memory there cannot take the report with it);
+    its result is OUT.json, its output OUT.log."""
+    log, result = out.parent / f"{out.name}.log", out.parent / f"{out.name}.json"
     with open(log, "w") as handle:
-        done = subprocess.run([sys.executable, "-m", module, *args, "--json", str(json_out)], stdout=handle,
+        done = subprocess.run([sys.executable, "-m", "benchmarks", name, *args, "--out", str(out)], stdout=handle,
                               stderr=subprocess.STDOUT, timeout=timeout)
-    if not json_out.exists():
+    if not result.exists():
         tail = log.read_text()[-2000:]
-        raise RuntimeError(f"{module} exited {done.returncode} without a result; the end of {log}:\n{tail}")
-    return json.loads(json_out.read_text())
+        raise RuntimeError(f"{name} exited {done.returncode} without a result; the end of {log}:\n{tail}")
+    return json.loads(result.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("gpu_check", __doc__, model=False)
+    parser.set_defaults(out=Path("runs/gpu-check"))  # the folder of report.json and report.md (issue 15)
     parser.add_argument("--smoke", action="store_true", help="the smoke run even when a GPU is present")
     parser.add_argument("--steps", type=int, help="training steps per run (default: 150 on a GPU, 3 in a smoke run)")
     parser.add_argument("--budget-s", type=float, help="wall-clock budget after set-up (default: 360 on a GPU, 170 in a smoke run); "
@@ -170,20 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gpu-check: {SMOKE_NOTE}", flush=True)
     settings = plan(smoke, args.out, args.steps)
     report.part("environment", environment, smoke)
-    report.part("attention", run_part_process, "benchmarks.attention_check", ["--model", settings["model"]],
-                args.out / "attention.json", settings["part_timeout"])
-    report.part("throughput", run_part_process, "benchmarks.step_throughput",
-                ["--shape", settings["shape"], "--tokenizer", settings["model"], "--work", str(args.out / "throughput"),
-                 *settings["throughput_args"]], args.out / "throughput.json", settings["part_timeout"])
+    report.part("attention", run_part_process, "attention_check", ["--model", settings["model"]],
+                args.out / "attention", settings["part_timeout"])
+    report.part("throughput", run_part_process, "step_throughput",
+                ["--shape", settings["shape"], "--model", settings["model"], *settings["throughput_args"]],
+                args.out / "throughput", settings["part_timeout"])
     eval_reserve = 30 if smoke else 90
     deadline = report.start + budget - eval_reserve
     report.part("training", gpu_training.run, args.out / "training", settings["training"], settings["jobs"],
                 deadline, settings["model"], settings["tasks"], settings["eval_args"])
     print(f"gpu-check: report in {args.out}/report.md ({'ok' if report.data['ok'] else 'FAILED'}, "
           f"{report.data['wall_s']} s)")
-    if not report.data["ok"]:
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0 if report.data["ok"] else 1

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from debater.bench.ablation import ARMS, BASE_CONFIG, PAPER_FORMAT, start_training
-from debater.bench.common import tensorboard_scalars
-from debater.bench.launched import free_port
+from benchmarks.ablation import ARMS, BASE_CONFIG, PAPER_FORMAT, start_training
+from benchmarks.common import tensorboard_scalars
+from benchmarks.launched import free_port
 
 TRAINING_ARMS = {"vanilla": ARMS["vanilla"], "full_paper_format": {**PAPER_FORMAT, **ARMS["full"]},
                  "full_small_scale_format": ARMS["full_eos_no_prompt"]}

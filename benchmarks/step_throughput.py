@@ -1,5 +1,7 @@
-"""One training step at the released shape: a decoder built from a config in the repository with random
-weights (launch/configs/minicpm2-2b-shape.json: MiniCPM-2.4B's layers and widths), 64 queries with one hard
+"""One training step at the released shape (MiniCPM-2.4B, random weights): tokens/s, peak memory, MFU.
+
+The decoder is built from a config in the repository with random weights
+(launch/configs/minicpm2-2b-shape.json: MiniCPM-2.4B's layers and widths), 64 queries with one hard
 negative each (192 texts) of 512 tokens, LoRA, gradient checkpointing, through the trainer's own path
 (config -> build_training_encoder -> DeepSpeed ZeRO-2 engine -> TrainingStep). Reports tokens/s, peak memory
 and MFU. Runs as one process that is its own single-rank group.
@@ -22,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import benchmark_parser, write_result
 
 SHAPE = Path("launch/configs/minicpm2-2b-shape.json")
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM dense bf16, vendor datasheet
@@ -106,7 +110,7 @@ def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from debater import distributed
-    from debater.config import config_from_dict
+    from debater.core.config import config_from_dict
     from debater.keyed_dropout import KeyedDropout
     from debater.model import avoid_cudnn_attention_backward, build_training_encoder
     from debater.train import build_ds_config, seed_everything
@@ -119,9 +123,9 @@ def measure(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     dtype = "bfloat16" if gpu else "float32"
     started = time.perf_counter()
-    folder = build_random_model(args.shape, args.tokenizer, args.work / "random-model", getattr(torch, dtype))
+    folder = build_random_model(args.shape, Path(args.model), args.out / "random-model", getattr(torch, dtype))
     built_s = time.perf_counter() - started
-    config = config_from_dict({"model_name_or_path": str(folder), "dataset_file_path": "-", "output_dir": str(args.work),
+    config = config_from_dict({"model_name_or_path": str(folder), "dataset_file_path": "-", "output_dir": str(args.out),
                                "per_device_train_batch_size": args.queries, "max_seq_length": args.seq,
                                "gradient_checkpointing": True, "torch_dtype": dtype, "attn_implementation": args.attention,
                                "lora_r": 16, "lora_alpha": 32, "loss_variant": "full", "cod_steps": 8})
@@ -135,13 +139,13 @@ def measure(args: argparse.Namespace) -> dict:
     step = TrainingStep(engine, config, None)
     batch = random_batch(args.queries, 1, args.seq, len(tokenizer), engine.device)
     tokens = batch["query_ids"].numel() + batch["doc_ids"].numel()
-    times, parts, grad_norm = timed_steps(step, batch, 1 + args.timed_steps, args.work)  # the first warms up
+    times, parts, grad_norm = timed_steps(step, batch, 1 + args.timed_steps, args.out)  # the first warms up
     seconds = min(times[1:])
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     for module in encoder.modules():  # what the hashed LoRA dropout masks cost: the same steps without them
         if isinstance(module, KeyedDropout):
             module.p = 0.0
-    no_dropout_seconds = min(timed_steps(step, batch, args.timed_steps, args.work)[0])
+    no_dropout_seconds = min(timed_steps(step, batch, args.timed_steps, args.out)[0])
     flops = flops_per_token(encoder.backbone.config, sum(p.numel() for p in trainable), args.seq)
     tokens_per_s = tokens / seconds
     result = {"shape": str(args.shape), "device": torch.cuda.get_device_name(0) if gpu else "cpu", "dtype": dtype,
@@ -163,24 +167,19 @@ def measure(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("step_throughput", __doc__)  # --model: the folder whose tokenizer to use
     parser.add_argument("--shape", type=Path, default=SHAPE, help="a Llama config JSON (widths, layers, vocabulary)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a model folder whose tokenizer to use")
     parser.add_argument("--queries", type=int, default=64, help="queries per step (each with one hard negative)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per text")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--timed-steps", type=int, default=2)
     parser.add_argument("--port", type=int, default=29811)
-    parser.add_argument("--work", type=Path, default=Path("runs/bench/step_throughput"))
-    parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    result["summary"] = (f"one step at {result['texts']} x {result['seq']} tokens ({result['dtype']}, {result['device']}): "
+                         f"{result['tokens_per_s']} tokens/s, {result['model_tflops']} model TFLOP/s"
+                         + (f", MFU {result['mfu_vs_datasheet']:.1%}, peak {result['peak_gb']} GB" if "peak_gb" in result else ""))
+    write_result(result, args.out, args.model)
+    return 0

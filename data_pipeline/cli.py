@@ -7,13 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.cli_support import run_command
+from debater.core.cli_support import EMBEDDED_MODEL, run_command
 
 log = logging.getLogger("data_pipeline")
 
 
 def _settings(args):
-    from debater.config import config_from_dict, load_config
+    from debater.core.config import config_from_dict, load_config
 
     if args.config:
         config = load_config(args.config, {"model_name_or_path": args.model})
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     pre = sub.add_parser("preprocess", help="tokenize an echo-data folder into cached Arrow shards")
     pre.add_argument("--data", type=Path, required=True, help="folder of echo-format .jsonl files")
     pre.add_argument("--out", type=Path, required=True, help="output folder (manifest.json, shards/)")
-    pre.add_argument("--model", default="assets/models/smollm2-135m", help="model whose tokenizer to use")
+    pre.add_argument("--model", default=EMBEDDED_MODEL, help="model whose tokenizer to use")
     pre.add_argument("--config", help="training config JSON: lengths, cod_steps, prompt, loss_variant from it")
     pre.add_argument("--cod-steps", dest="cod_steps", type=int)
     pre.add_argument("--max-seq-length", dest="doc_max_length", type=int)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data_pipeline.registry import DATASETS_FILE_NAME
 from data_pipeline.stage_tokenize import write_atomic
+from debater.core.errors import UserError
 
 log = logging.getLogger(__name__)
 TRAIN_FILE_STEM = "debian_packages"
@@ -48,16 +49,16 @@ def fetch_indexes(apt_dir: Path) -> tuple[list[Path], list[Path]]:
     (lists / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     if shutil.which("apt-get") is None:
-        raise RuntimeError("apt-get not found: the Debian data set needs a Debian-based machine")
+        raise UserError("apt-get not found: the Debian data set needs a Debian-based machine")
     command = ["apt-get", "update", "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={apt_dir / 'cache'}",
                "-o", "Acquire::Languages=en", "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=1"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"apt-get update failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+        raise UserError(f"apt-get update failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     translations = sorted(p for p in lists.iterdir() if "_i18n_Translation-en" in p.name)
     packages = sorted(p for p in lists.iterdir() if re.search(r"_Packages(\.\w+)?$", p.name))
     if not translations:
-        raise RuntimeError(f"apt fetched no Translation-en index into {lists}")
+        raise UserError(f"apt fetched no Translation-en index into {lists}")
     return translations, packages
 
 

@@ -17,18 +17,7 @@ import torch
 
 from data_pipeline.stage_plan import BatchPlan, plan_batches
 from data_pipeline.stage_tokenize import MANIFEST_NAME
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack id lists into [N, max_len] ids and attention mask, padding on the left."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-    return ids, mask
+from debater.core.padding import left_pad
 
 
 class PreprocessedData:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from debater.core.errors import UserError
+
 DATASETS_FILE_NAME = "datasets.json"
 
 ECHO_INSTRUCTIONS: dict[str, list[str]] = {
@@ -36,7 +38,7 @@ ECHO_INSTRUCTIONS: dict[str, list[str]] = {
 }
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A training file has no known instruction, or the datasets file is malformed."""
 
 

@@ -3,6 +3,9 @@
 One shard per input file, named by a key over (file name, size, mtime,
 encoding settings, tokenizer fingerprint, instructions). A re-run with the
 same inputs does no work; changing one file re-tokenizes that file only.
+Such a re-run does not even load the tokenizer: the one saved beside the
+shards is reused while the model folder's files, the tokenizer libraries'
+versions and the settings are those it was saved from (``TOKENIZER_SOURCE``).
 Files are cut into line-aligned pieces that worker processes (one per core)
 tokenize in parallel; each file's parts are then joined into its shard.
 Shards and the manifest are written to a temporary name and renamed, so an
@@ -11,6 +14,7 @@ interrupted run never leaves a file that a later run trusts.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -29,11 +33,13 @@ from data_pipeline.mine import MineCounts, mine_bm25, mined_for_lines
 from data_pipeline.pieces import Piece, split_lines
 from data_pipeline.reader import ReadCounts, Row, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
-from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
+from debater.core.errors import UserError
+from debater.core.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_SOURCE = "source.json"  # in OUT/tokenizer/: what the saved tokenizer was made from
 CHUNK_ROWS = 2048  # rows per Arrow record batch
 PIECES_PER_WORKER = 4  # enough pieces to keep every worker busy to the end
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 1 << 18, 1 << 24  # not too small to pay off, not too big to balance
@@ -46,7 +52,7 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError):
     """Input that cannot be preprocessed; the message says what to fix."""
 
 
@@ -90,6 +96,59 @@ def write_atomic(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def tokenizer_source(model: str, settings: EncodingSettings) -> str | None:
+    """A key over everything the prepared tokenizer depends on: the model folder's files (name, size, mtime, as
+    the shard keys judge input files), the versions of transformers and tokenizers, and the settings before
+    step tokens are resolved. None for a hub name, which has no files to check."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    try:
+        versions = [importlib.metadata.version(name) for name in ("transformers", "tokenizers")]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    key = json.dumps([FORMAT_VERSION, files, versions, settings.to_dict()], sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def saved_tokenizer(tokenizer_dir: Path, source: str | None) -> dict | None:
+    """The record of the tokenizer saved in ``tokenizer_dir`` (its fingerprint and step tokens) when it was
+    made from ``source`` and is still there whole; else None, and the tokenizer must be loaded."""
+    record_path, marker = tokenizer_dir / TOKENIZER_SOURCE, tokenizer_dir / "fingerprint.txt"
+    if source is None or not record_path.exists() or not marker.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("source") != source or record.get("fingerprint") != marker.read_text():
+        return None
+    return record
+
+
+def prepare_tokenizer(model: str, settings: EncodingSettings, tokenizer_dir: Path) -> str:
+    """Save the model's tokenizer, with its step tokens, into ``tokenizer_dir`` (the workers load it from there)
+    and resolve ``settings.step_tokens``; return the tokenizer's fingerprint. When the saved one was made from
+    the same model files, library versions and settings, nothing is loaded: its record gives both."""
+    source = tokenizer_source(model, settings)
+    record = saved_tokenizer(tokenizer_dir, source)
+    if record is not None:
+        settings.step_tokens = record["step_tokens"]
+        return record["fingerprint"]
+    tokenizer = load_tokenizer(model, settings)
+    tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    marker = tokenizer_dir / "fingerprint.txt"
+    if not marker.exists() or marker.read_text() != fingerprint:
+        tokenizer.save_pretrained(tokenizer_dir)
+        write_atomic(marker, lambda tmp: tmp.write_text(fingerprint))
+    if source is not None:
+        record = {"source": source, "fingerprint": fingerprint, "step_tokens": settings.step_tokens}
+        write_atomic(tokenizer_dir / TOKENIZER_SOURCE, lambda tmp: tmp.write_text(json.dumps(record)))
+    return fingerprint
 
 
 def load_tokenizer(model: str, settings: EncodingSettings):
@@ -266,14 +325,8 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
     files = input_files(data_dir)
     extra = load_extra_instructions(datasets_file or data_dir / DATASETS_FILE_NAME)
     instructions = {p.stem: instructions_for(p.stem, extra) for p in files}  # errors before any work
-    tokenizer = load_tokenizer(model, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out_dir / "tokenizer"
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    marker = tokenizer_dir / "fingerprint.txt"
-    if not marker.exists() or marker.read_text() != fingerprint:
-        tokenizer.save_pretrained(tokenizer_dir)
-        write_atomic(marker, lambda tmp: tmp.write_text(fingerprint))
+    fingerprint = prepare_tokenizer(model, settings, tokenizer_dir)
     settings_dict = settings.to_dict()
 
     entries: dict[str, dict] = {}

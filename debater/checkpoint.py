@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from debater import distributed
+from debater.core.errors import UserError
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "step-"
@@ -37,7 +38,7 @@ PORTABLE_STATE = "trainable_state.pt"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed as asked; the message says why and what to do."""
 
 

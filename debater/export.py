@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from debater import checkpoint
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
 from debater.model import ENCODER_FILE, build_training_encoder, load_encoder, save_encoder, write_encoder_meta
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("vanilla", "sd_only", "cod_only", "full")
+from debater.core.config import LOSS_VARIANTS
+
+VARIANTS = tuple(LOSS_VARIANTS)
 
 
 @dataclass
@@ -47,7 +49,7 @@ def debater_loss(queries: torch.Tensor, views: torch.Tensor, labels: torch.Tenso
     rows = torch.arange(len(labels), device=labels.device)
     best_view = scores[rows, labels].argmax(dim=-1)
     accuracy = (best.argmax(dim=-1) == labels).float().mean()
-    if variant in ("vanilla", "cod_only"):
+    if not LOSS_VARIANTS[variant].self_distillation:
         zero = contrastive.new_zeros(())
         return LossParts(contrastive, contrastive, zero, accuracy, best_view)
     distillation = self_distillation(best, scores[..., -1])

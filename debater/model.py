@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 from debater.keyed_dropout import TextKeys, install_keyed_dropout
-from debater.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 
 log = logging.getLogger(__name__)
 ENCODER_FILE = "debater.json"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from debater.beir import DEFAULT_INSTRUCTION, BeirData
-from debater.encode import TextEncoder
+from debater.core.errors import UserError
+from debater.inference_encoder import TextEncoder
 
 # Query instructions per BEIR task, as the released evaluation uses them.
 BEIR_INSTRUCTIONS = {
@@ -66,7 +67,7 @@ def score_with_mteb(model, tasks, batch_size: int, metrics: tuple[str, ...]) -> 
                                show_progress_bar=False, encode_kwargs={"batch_size": batch_size,
                                                                        "show_progress_bar": False})
     except OSError as err:
-        raise RuntimeError(f"mteb could not load a task's data (offline?): {err}") from None
+        raise UserError(f"mteb could not load a task's data (offline?): {err}") from None
     scores = {}
     for task_result in result.task_results:
         row = next(s for s in task_result.scores["test"] if s["hf_subset"] == "default")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from debater.prompts import EncodingSettings
+from debater.core.prompts import EncodingSettings
 
 
 def is_sentence_transformers_folder(path: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from debater.embeddings import META_FILE, load_embeddings
+from debater.encode_command import META_FILE, load_embeddings
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
@@ -63,7 +63,7 @@ class Index:
 def run_search(model: str, index_folder: Path, query_ids: list[str], queries: list[str], instruction: str,
                top_k: int = 10, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
     """Encode ``queries`` with ``model`` and return one {query_id, query, hits: [{id, score}]} per query."""
-    from debater.encode import load_text_encoder
+    from debater.inference_encoder import load_text_encoder
 
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from debater.encode import TextEncoder
+from debater.inference_encoder import TextEncoder
 from debater.mteb_model import make_mteb_model, score_with_mteb
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fingerprint
 from debater import checkpoint, distributed
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
+from debater.core.padding import pad_token_id
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
 from debater.training_step import TrainingError, TrainingStep
@@ -127,8 +128,7 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     step, next_batch = 0, 0
     if config.resume_from_checkpoint:
         step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint, global_batch)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = RankLoader(data, plan, rank, world, pad_id, config.negatives_per_query)
+    loader = RankLoader(data, plan, rank, world, pad_token_id(tokenizer), config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
     try:
         _loop(TrainingStep(engine, config, scheduler), loader, monitor, ckpt_dir, step, next_batch, total_steps)

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from debater import distributed
+from debater.core.errors import UserError
 from debater.losses import LossParts, debater_loss
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A run that must stop; the message says at which step and why."""
 
 

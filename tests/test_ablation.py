@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from debater.bench.ablation import ARMS, arm_config, best_views, left_plateau_at, summarise
+from benchmarks.ablation import ARMS, arm_config, best_views, left_plateau_at, summarise
 
 
 def test_summary_is_the_mean_and_spread_over_seeds_per_arm_and_step():
@@ -56,7 +56,7 @@ def test_every_arm_keeps_the_same_body_and_only_its_own_format():
 
 
 def test_evaluation_in_parts_only_evaluates_new_models(tmp_path, monkeypatch):
-    from debater.bench import ablation
+    from benchmarks import ablation
 
     calls = []
 

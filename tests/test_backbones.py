@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import fixture_texts, reserved_tokenizer
 
-from data_pipeline.loader import left_pad
-from debater.config import config_from_dict
+from debater.core.config import config_from_dict
+from debater.core.padding import left_pad
+from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
 from debater.model import build_training_encoder, load_encoder, save_encoder
-from debater.prompts import TextFormatter
 
 MLA_AND_MLP = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
                "down_proj"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from debater.bench.report import build_report
+from benchmarks.report import build_report
 
 MACHINE = "some CPU, 2 cores"
 
@@ -20,7 +20,7 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
         "steps": 240, "body_tokens": 44, "global_batch": 8, "learning_rate": 2e-4, "seeds": [7, 42],
         "subset": {"queries": 200, "corpus": 600}, "train_seconds": {"full-seed42": 1500, "full-seed7": 1080},
         "train_machine": "one GPU", "eval_seconds": 987, "machine": MACHINE,
-        "command": "python -m debater.bench.ablation --eval-only",
+        "command": "python -m benchmarks ablation --eval-only",
         "scores": {"full-seed42@60": {"ndcg_at_10": 0.74443, "recall_at_10": 0.865, "mrr_at_10": 0.7058}},
         "arms": {"full": {"ndcg_at_10": {"60": {"mean": 0.5, "std": 0.1, "min": 0.4, "max": 0.6, "n": 2},
                                          "240": {"mean": 0.8, "std": None, "min": 0.8, "max": 0.8, "n": 1}},
@@ -29,12 +29,12 @@ def test_report_renders_each_result_and_marks_missing_ones(tmp_path):
         "steps": 60, "body_tokens": 44, "global_batch": 8, "learning_rate": 2e-4, "seeds": [7],
         "subset": {"queries": 200, "corpus": 600}, "overrides": {"scale": 60},
         "train_seconds": {"vanilla-seed7": 600}, "train_machine": MACHINE, "eval_seconds": 60, "machine": MACHINE,
-        "command": "python -m debater.bench.ablation --set scale=60",
+        "command": "python -m benchmarks ablation --set scale=60",
         "scores": {"vanilla-seed7@60": {"ndcg_at_10": 0.7, "recall_at_10": 0.8, "mrr_at_10": 0.6}},
         "arms": {"vanilla": {"ndcg_at_10": {"60": {"mean": 0.7, "std": None, "min": 0.7, "max": 0.7, "n": 1}},
                              "left_plateau_at": {"vanilla-seed7": 45}}}})
     write(tmp_path / "view_signal.json", {
-        "rows": 32, "candidates": 64, "command": "python -m debater.bench.view_signal",
+        "rows": 32, "candidates": 64, "command": "python -m benchmarks view_signal",
         "formats": {"base eos": {"doc_doc_cosine": 0.909, "score_spread": 1.78}}})
     report = build_report(tmp_path)
     assert "- **trainer**: trainer 1.11x" in report

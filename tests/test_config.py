@@ -1,4 +1,4 @@
-"""The training configuration (debater.config): the seed README config keeps working; mistakes are clear errors."""
+"""The training configuration (debater.core.config): the seed README config keeps working; mistakes are clear errors."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from debater.config import (IGNORED_SEED_KEYS, KEY_TABLE_END, KEY_TABLE_START, ConfigError, TrainConfig,
-                            config_from_dict, config_reference, config_reference_markdown, load_config)
-from debater.prompts import DEFAULT_PROMPT, EncodingSettings
+from debater.core.config import (IGNORED_SEED_KEYS, KEY_TABLE_END, KEY_TABLE_START, ConfigError, TrainConfig,
+                                 config_from_dict, config_reference, config_reference_markdown, load_config)
+from debater.core.prompts import DEFAULT_PROMPT, EncodingSettings
 
 # The training config of the original DEBATER README (paths replaced).
 SEED_CONFIG = {

@@ -11,8 +11,8 @@ from conftest import FIXTURES
 
 from debater.beir import read_texts
 from debater.cli import main
-from debater.embeddings import encode_corpus, load_embeddings, save_embeddings
-from debater.encode import TextEncoder
+from debater.encode_command import encode_corpus, load_embeddings, save_embeddings
+from debater.inference_encoder import TextEncoder
 from debater.model import load_encoder
 from debater.search import INDEX_FILE, Index
 

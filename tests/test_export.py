@@ -11,10 +11,10 @@ import pytest
 from conftest import ROOT, fixture_texts, training_env
 
 from debater.cli import main
-from debater.encode import TextEncoder
+from debater.core.prompts import EncodingSettings
 from debater.export import MERGED, export_checkpoint
+from debater.inference_encoder import TextEncoder
 from debater.model import DebaterEncoder, load_encoder
-from debater.prompts import EncodingSettings
 
 pytestmark = pytest.mark.launcher
 

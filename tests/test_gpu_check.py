@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT, training_env
 from safetensors.torch import save_file
 
-from benchmarks import wheelhouse
 from benchmarks.gpu_training import check_run
+from debater import wheelhouse
 
 PARTS = {"environment", "attention", "throughput", "training"}
 

@@ -22,10 +22,10 @@ from conftest import FIXTURES, assert_close_to_scale
 
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import preprocess
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
+from debater.core.prompts import resolve_step_tokens
 from debater.losses import VARIANTS
 from debater.model import build_training_encoder
-from debater.prompts import resolve_step_tokens
 from debater.training_step import TrainingStep, split_side
 
 NEGATIVES, QUERIES = 2, 6

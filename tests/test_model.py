@@ -10,11 +10,11 @@ from torch import nn
 
 from conftest import reserved_tokenizer
 
-from data_pipeline.loader import left_pad
-from debater.config import ConfigError, TrainConfig
+from debater.core.config import ConfigError, TrainConfig
+from debater.core.padding import left_pad
+from debater.core.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
 from debater.losses import debater_loss
 from debater.model import build_training_encoder, load_encoder, lora_targets, save_encoder
-from debater.prompts import EncodingSettings, TextFormatter, resolve_step_tokens
 
 INSTRUCTION = "Given a query, retrieve the matching document:"
 QUERIES = ["small web browser engine",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -10,9 +11,10 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-from data_pipeline.loader import PreprocessedData, RankLoader, left_pad
+from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_plan import BatchPlan, plan_batches
 from data_pipeline.stage_tokenize import MANIFEST_NAME, SHARD_SCHEMA
+from debater.core.padding import left_pad, pad_token_id
 
 PAD = 0
 Q, P, N = 100_000, 200_000, 300_000  # id ranges that encode the global row id in each sequence
@@ -300,6 +302,11 @@ def test_left_pad_equal_lengths_and_empty_sequence():
     assert ids.tolist() == [[1, 2], [3, 4]] and mask.tolist() == [[1, 1], [1, 1]]
     ids, mask = left_pad([[4, 4], []], pad_id=2)
     assert ids.tolist() == [[4, 4], [2, 2]] and mask.tolist() == [[1, 1], [0, 0]]
+
+
+def test_pad_id_is_the_pad_token_else_eos():
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
 
 
 def test_batch_plan_len():

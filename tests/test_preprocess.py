@@ -16,7 +16,7 @@ from conftest import FIXTURES, ROOT
 from data_pipeline import stage_tokenize
 from data_pipeline.registry import ECHO_INSTRUCTIONS, RegistryError
 from data_pipeline.stage_tokenize import MANIFEST_NAME, PreprocessError, preprocess
-from debater.prompts import EncodingSettings
+from debater.core.prompts import EncodingSettings
 
 DOC_MAX, QUERY_MAX, K = 24, 16, 4
 FIXTURE_ROWS = 24  # rows in tests/fixtures/echo/tiny_retrieval.jsonl
@@ -203,7 +203,7 @@ def test_formatter_backend_ids_equal_the_tokenizer_call(tiny_model, side):
     """The direct Rust-backend path gives tokenizer(...)'s ids, and leaves later tokenizer calls unchanged."""
     from transformers import AutoTokenizer
 
-    from debater.prompts import TextFormatter, resolve_step_tokens
+    from debater.core.prompts import TextFormatter, resolve_step_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.truncation_side = side
@@ -270,6 +270,36 @@ def test_second_run_does_no_work(two_files, tiny_model, tmp_path, monkeypatch):
     assert second == first
     assert shard_state(out) == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "tokenizer").iterdir()} == tokenizer_before
+
+
+def test_a_cached_run_loads_no_tokenizer_until_the_model_or_settings_change(two_files, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    first = run(two_files, out, model)
+    loads, original = [], stage_tokenize.load_tokenizer
+    monkeypatch.setattr(stage_tokenize, "load_tokenizer", lambda *args: loads.append(args[0]) or original(*args))
+    assert run(two_files, out, model) == first and loads == []  # the saved tokenizer's record is enough
+    config = model / "tokenizer_config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 5_000_000_000))
+    assert run(two_files, out, model) == first and loads == [str(model)]  # loaded again: same ids, same shards
+    assert run(two_files, out, model) == first and len(loads) == 1
+    changed = run(two_files, out, model, settings=settings(cod_steps=K + 1))
+    assert len(loads) == 2 and changed["settings"]["cod_steps"] == K + 1
+
+
+def test_a_cached_cli_run_imports_no_torch_or_transformers(echo_dir, tiny_model, tmp_path):
+    """What makes ``make preprocess`` with nothing to do return at once: the heavy libraries stay unloaded."""
+    check = ("import sys; from data_pipeline.cli import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)); sys.exit(code)")
+    command = [sys.executable, "-c", check, "preprocess", "--data", str(echo_dir), "--out", str(tmp_path / "out"),
+               "--model", str(tiny_model), "--max-seq-length", str(DOC_MAX), "--workers", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=True)
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert first.stdout.splitlines()[-1] != "[]"  # the first run tokenized
+    assert "cached" in second.stderr and second.stdout.splitlines()[-1] == "[]"
 
 
 
@@ -606,7 +636,7 @@ def test_bm25_mining_never_returns_the_own_positive(tmp_path):
 
 def test_preprocess_with_mining_appends_the_mined_negatives(tmp_path, tiny_model, monkeypatch):
     from data_pipeline.mine import mine_bm25, mined_for_lines
-    from debater.prompts import TextFormatter
+    from debater.core.prompts import TextFormatter
 
     data = tmp_path / "data"
     data.mkdir()

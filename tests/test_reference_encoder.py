@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from debater.encode import load_text_encoder
+from debater.inference_encoder import load_text_encoder
 from debater.reference_encoder import MeanPoolTextEncoder
 
 TEXTS = ["a small web browser", "chess", "a game of cards for two players and more", "web"]

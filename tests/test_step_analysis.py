@@ -13,8 +13,8 @@ from conftest import FIXTURES
 from test_metrics import FixedVectors, independent_scores
 
 from debater.beir import read_beir
-from debater.encode import TextEncoder
 from debater.evaluate import _quiet_offline_mteb, run_evaluation
+from debater.inference_encoder import TextEncoder
 from debater.mteb_model import make_local_task
 from debater.step_analysis import step_scores, write_reports
 

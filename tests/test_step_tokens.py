@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import fixture_texts, reserved_tokenizer
 
-from data_pipeline.loader import left_pad
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
+from debater.core.padding import left_pad
+from debater.core.prompts import CODE_MARKUP_TOKENS, EncodingSettings, TextFormatter, resolve_step_tokens, step_suffix
 from debater.export import write_merged
 from debater.losses import debater_loss
 from debater.model import build_training_encoder, load_encoder, save_encoder, step_rows
-from debater.prompts import CODE_MARKUP_TOKENS, EncodingSettings, TextFormatter, resolve_step_tokens, step_suffix
 
 INSTRUCTION = "Given a query, retrieve the matching document:"
 

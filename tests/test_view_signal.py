@@ -1,4 +1,4 @@
-"""The view-signal diagnostic (debater.bench.view_signal) equals the same statistics computed one text at a
+"""The view-signal diagnostic (benchmarks.view_signal) equals the same statistics computed one text at a
 time, without padding, with plain loops; trained runs and base formats go through the same statistics."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES
-from debater.bench.view_signal import FORMATS, base_encoder, read_rows, statistics
+from benchmarks.view_signal import FORMATS, base_encoder, read_rows, statistics
+from debater.core.prompts import TextFormatter
 from debater.model import load_encoder
-from debater.prompts import TextFormatter
 
 INSTRUCTION = "Given a query, retrieve the matching document:"
 SCALE = 30.0

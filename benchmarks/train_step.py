@@ -1,9 +1,10 @@
-"""One training step (forward + backward): positives and negatives in one encoder pass (ours)
+"""One training step: positives and negatives in one encoder pass against three passes.
+
+One training step (forward + backward): positives and negatives in one encoder pass (ours)
 against queries, positives and negatives in three separate passes (the original code), same
 LoRA model, same batch, same machine. Both give the same loss; only the time differs."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import left_pad
-from debater.bench.common import write_result
-from debater.config import config_from_dict
+from benchmarks.common import benchmark_parser, write_result
+from debater.core.config import config_from_dict
+from debater.core.padding import left_pad, pad_token_id
+from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
-from debater.prompts import TextFormatter
 
 INSTRUCTION = "Given the one-line summary of a Debian package, retrieve the package's full description:"
 
@@ -64,20 +65,18 @@ def timed(step, encoder, batch, labels, repeats: int) -> tuple[float, float]:
     return statistics.median(times), loss
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from debater.model import build_training_encoder
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="assets/models/smollm2-135m")
+    parser = benchmark_parser("train_step", __doc__)
     parser.add_argument("--data", type=Path, default=Path("assets/data/debian/echo-data/debian_packages.jsonl"))
     parser.add_argument("--batch", type=int, default=8, help="queries per step (each with 1 positive, 1 negative)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = config_from_dict({"model_name_or_path": args.model, "dataset_file_path": "unused",
                                "output_dir": "unused", "max_seq_length": args.max_length, "lora_r": 16,
@@ -85,7 +84,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     torch.manual_seed(0)
     encoder = build_training_encoder(config, tokenizer).train()
-    batch = load_batch(args.data, args.batch, TextFormatter(tokenizer, encoder.settings), tokenizer.pad_token_id)
+    batch = load_batch(args.data, args.batch, TextFormatter(tokenizer, encoder.settings), pad_token_id(tokenizer))
     labels = torch.arange(args.batch)
     ours, ours_loss = timed(step_ours, encoder, batch, labels, args.repeats)
     naive, naive_loss = timed(step_three_passes, encoder, batch, labels, args.repeats)
@@ -98,8 +97,6 @@ def main() -> None:
     }
     result["summary"] = (f"train step, batch {args.batch}: one document pass {ours:.2f} s, three passes "
                          f"{naive:.2f} s -> {result['speedup']}x (losses {ours_loss:.6f} / {naive_loss:.6f})")
-    write_result(result, args.out)
+    write_result(result, args.out, args.model)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,6 @@
-"""How far apart queries and document views are, and how much the scores tell candidates apart: for the base
+"""How far apart queries and document views are, before and after training (a diagnostic).
+
+How far apart queries and document views are, and how much the scores tell candidates apart: for the base
 model in each document format, and for trained runs.
 
 Contrastive loss can reach ln(N) (uniform scores) without learning anything, by making every document's view
@@ -14,7 +16,6 @@ training rows; the base model's formats (no LoRA):
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import left_pad
-from debater.bench.common import write_result
+from benchmarks.common import benchmark_parser, write_result
+from debater.core.padding import left_pad, pad_token_id
+from debater.core.prompts import EncodingSettings, TextFormatter
 from debater.losses import view_scores
 from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
-from debater.prompts import EncodingSettings, TextFormatter
 
 INSTRUCTION_FILE = "assets/data/debian/echo-data/datasets.json"  # the instruction training uses
 ADDED = [f"<step_{i}>" for i in range(1, 9)]
@@ -51,7 +52,7 @@ def read_rows(path: Path, count: int, stride: int) -> list[dict]:
 def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction: str, scale: float) -> dict:
     """Score statistics of one encoder: queries against every positive and negative of the batch."""
     formatter = TextFormatter(tokenizer, encoder.settings)
-    pad_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     queries = formatter.queries([r["query"] for r in rows], [instruction] * len(rows))
     documents = formatter.documents([r["positive"] for r in rows] + [r["negative"] for r in rows])
     with torch.no_grad():
@@ -84,17 +85,15 @@ def base_encoder(model_path: str, fields: dict, max_length: int) -> tuple[Debate
     return DebaterEncoder(backbone, settings).eval(), tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/models/smollm2-135m")
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("view_signal", __doc__)
     parser.add_argument("--trained", nargs="*", default=[], help="trained runs or exported adapters to compare")
     parser.add_argument("--data", type=Path, default=Path("assets/data/debian/echo-data/debian_packages.jsonl"))
     parser.add_argument("--rows", type=int, default=32, help="batch size (queries; 2x as many candidates)")
     parser.add_argument("--stride", type=int, default=125, help="take every n-th row, to mix packages")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--scale", type=float, default=30.0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = read_rows(args.data, args.rows, args.stride)
     instruction = json.loads(Path(INSTRUCTION_FILE).read_text())[args.data.stem]
     encoders = {f"base {name}": lambda fields=fields: base_encoder(args.model, fields, args.max_length)
@@ -107,8 +106,6 @@ def main() -> None:
         print(f"{name:<{width}}  " + "  ".join(f"{key}={value}" for key, value in stats.items()))
     spreads = ", ".join(f"{name} {stats['score_spread']}" for name, stats in table.items())
     write_result({"name": "view_signal", "rows": len(rows), "candidates": 2 * len(rows), "formats": table,
-                  "summary": f"score spread over candidates (scaled units): {spreads}"}, args.out)
+                  "summary": f"score spread over candidates (scaled units): {spreads}"}, args.out, args.model)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

@@ -71,7 +71,7 @@ def encode_corpus(model: str, corpus: Path, out: Path, fmt: str = "npy", batch_s
                   max_length: int | None = None) -> Path:
     """Embed every document of ``corpus`` (see beir.read_texts) as ``model``'s pooling says, into ``out``."""
     from debater.beir import read_texts
-    from debater.encode import load_text_encoder
+    from debater.inference_encoder import load_text_encoder
 
     _check_format(fmt)  # before the encoding, which may take hours
     ids, texts = read_texts(corpus)

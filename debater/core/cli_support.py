@@ -6,7 +6,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 import warnings
+
+from debater.core.errors import USER_ERRORS
+
+# the embedded default model that `make assets` converts: the default of every --model (and convert-model --out)
+EMBEDDED_MODEL = "assets/models/smollm2-135m"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -17,13 +23,26 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    try:
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers logs errors only and draws no progress bars. When it is not imported yet this is set up
+    without importing it (that alone takes a second or more, which a command with nothing to do, such as a
+    cached ``make preprocess``, should not pay): its logger reads TRANSFORMERS_VERBOSITY when it is first
+    configured, and its progress-bar switch starts from huggingface_hub's, turned off here."""
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
     except ImportError:
-        pass
+        return
+    disable_progress_bars()
 
 
 def config_override(text: str) -> tuple[str, object]:
@@ -36,9 +55,6 @@ def config_override(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
-
-
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
 
 
 def run_command(parser, argv: list[str] | None, logger: logging.Logger) -> int:

@@ -1,4 +1,4 @@
-"""Batch encoding for inference.
+"""Batch encoding for inference (the inference encoder that `eval`, `search` and `encode` load models with).
 
 Texts are sorted by length so each batch pads little; the batches are shared
 out to one model replica per device (every GPU, else the CPU), each replica
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.loader import left_pad
+from debater.core.padding import left_pad, pad_token_id
+from debater.core.prompts import TextFormatter
 from debater.model import DebaterEncoder, load_encoder
-from debater.prompts import TextFormatter
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TextEncoder:
         self.replicas = [encoder.to(devices[0]), *others]
         self.settings = encoder.settings
         self.formatter = TextFormatter(tokenizer, encoder.settings)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.pooling = pooling
         self.batch_size = batch_size
         # remember=True keeps every output by (method, ids), so passes that see the same texts again

@@ -1,11 +1,14 @@
-"""Gather the benchmark results under one folder into ``report.md``: each speed ratio with its command and
-machine, then one table per ablation (``ablation*/ablation.json``). Only results that exist are reported;
-nothing is filled in."""
+"""Gather the benchmark results under one folder into report.md.
+
+Each speed ratio with its command and machine, then one table per ablation (``ablation*/ablation.json``).
+Only results that exist are reported; nothing is filled in."""
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+
+from benchmarks.common import BENCH_DIR
 
 # each against its baseline in one run on one machine; view_signal.json is a diagnostic, reported apart
 SPEED = ("preprocess", "train_step", "trainer", "encoding", "checkpointing_memory", "grad_cache", "grad_cache_global64")
@@ -82,12 +85,13 @@ def build_report(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks report", description=__doc__)
+    parser.add_argument("folder", type=Path, nargs="?", default=BENCH_DIR,
+                        help="the benchmarks' output folder (default: %(default)s)")
+    folder = parser.parse_args(argv).folder
     report = build_report(folder)
     (folder / "report.md").write_text(report)
     print(report)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

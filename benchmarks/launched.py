@@ -1,4 +1,4 @@
-"""Benchmarks that measure training runs launched as ``make train`` launches them: the demo config in the
+"""Shared by the benchmarks that measure training runs launched as ``make train`` launches them: the demo config in the
 paper's document format, trained from scratch, read back from its TensorBoard log."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import socket
 import statistics
 from pathlib import Path
 
-from debater.bench.ablation import BASE_CONFIG, PAPER_FORMAT, TRAIN_DATA, start_training
-from debater.bench.common import tensorboard_scalars
+from benchmarks.ablation import BASE_CONFIG, PAPER_FORMAT, TRAIN_DATA, start_training
+from benchmarks.common import tensorboard_scalars
 
 
 def free_port() -> int:

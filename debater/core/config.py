@@ -15,19 +15,30 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debater.prompts import DEFAULT_PROMPT, STEP_TOKEN_INITS, EncodingSettings
+from debater.core.errors import UserError
+from debater.core.prompts import DEFAULT_PROMPT, STEP_TOKEN_INITS, EncodingSettings
 
 log = logging.getLogger(__name__)
 
-LOSS_VARIANTS = {"vanilla": "last_token", "sd_only": "last_k_tokens", "cod_only": "step_tokens",
-                 "full": "step_tokens"}
+
+@dataclass(frozen=True)
+class LossVariant:
+    """What a ``loss_variant`` means for the documents and for the loss (the paper's ablation)."""
+
+    doc_mode: str            # how documents end, so which views they have (prompts.DOC_MODES)
+    self_distillation: bool  # the SD term is added to the contrastive (CoD) one
+
+
+# the one definition of the variant names; the order is the ablation's (tests seed by it)
+LOSS_VARIANTS = {"vanilla": LossVariant("last_token", False), "sd_only": LossVariant("last_k_tokens", True),
+                 "cod_only": LossVariant("step_tokens", False), "full": LossVariant("step_tokens", True)}
 POOLING_MODES = ("last_step", "multi_view", "last_token")
 # Seed keys that belong to the HF Trainer and have no effect here.
 IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "overwrite_output_dir", "save_only_model",
                      "per_device_eval_batch_size", "disable_tqdm", "num_train_epochs", "dataset_name"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A training configuration that cannot be run as written."""
 
 
@@ -128,7 +139,7 @@ class TrainConfig:
 
     def encoding_settings(self) -> EncodingSettings:
         return EncodingSettings(
-            doc_mode=LOSS_VARIANTS[self.loss_variant],
+            doc_mode=LOSS_VARIANTS[self.loss_variant].doc_mode,
             cod_steps=self.cod_steps,
             deliberation_prompt=self.deliberation_prompt,
             step_tokens=list(self.step_tokens or []),

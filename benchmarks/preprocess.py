@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -23,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import benchmark_parser, write_result
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
-from debater.bench.common import write_result
-from debater.prompts import EncodingSettings
+from debater.core.prompts import EncodingSettings
 
 ORIGINAL_BATCH = 64
 BARE_BATCH = 10_000
@@ -89,7 +88,7 @@ def time_original(path: Path, tokenizer, settings: EncodingSettings, instruction
 
 def speed(args) -> dict:
     from data_pipeline.stage_tokenize import load_tokenizer
-    from debater.prompts import TextFormatter
+    from debater.core.prompts import TextFormatter
 
     settings = EncodingSettings(query_max_length=args.max_length, doc_max_length=args.max_length)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,15 +145,13 @@ def memory(args) -> dict:
     return {"peak_rss_mb": result}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/models/smollm2-135m")
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("preprocess", __doc__)
     parser.add_argument("--data", type=Path, default=Path("assets/data/debian/echo-data/debian_packages.jsonl"))
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS on --rows and 10x rows")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = {"name": "preprocess", **speed(args)}
     if args.memory:
         result.update(memory(args))
@@ -163,8 +160,6 @@ def main() -> None:
         f"{result['speedup_vs_original']}x the original collator, "
         f"{result['fraction_of_bare_tokenizer']:.0%} of the bare tokenizer"
         + (f"; peak RSS {result['peak_rss_mb']} MB" if args.memory else ""))
-    write_result(result, args.out)
+    write_result(result, args.out, args.model)
+    return 0
 
-
-if __name__ == "__main__":
-    main()

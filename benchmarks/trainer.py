@@ -1,4 +1,4 @@
-"""Training tokens/s: our trainer against a Hugging Face Trainer shaped like the original code, in one run.
+"""Training tokens/s: our trainer against a Hugging Face Trainer shaped like the original code.
 
 The baseline is what the released code does each step: its data collator
 tokenizes the batch's raw strings (plus one more tokenizer call per text to
@@ -15,7 +15,6 @@ Both sides count the non-pad tokens each step processes and time whole steps
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import left_pad
+from benchmarks.common import benchmark_parser, write_result
 from data_pipeline.reader import ReadCounts, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
-from debater.bench.common import write_result
-from debater.config import TrainConfig
+from debater.core.config import TrainConfig
+from debater.core.padding import left_pad, pad_token_id
+from debater.core.prompts import TextFormatter
 from debater.losses import debater_loss
-from debater.prompts import TextFormatter
 
 SEPARATOR = "!@#$%^&*()"  # the original marks the instruction's end inside the query text
 CPU_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2_cpu.json"
@@ -66,7 +65,7 @@ class RawTextCollator:
     def __init__(self, tokenizer, settings):
         self.tokenizer = tokenizer
         self.formatter = TextFormatter(tokenizer, settings)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
 
     def _embedded_lengths(self, marked: list[str]) -> torch.Tensor:
         """The original's extra tokenizer call per text: the length of the part after the instruction
@@ -146,15 +145,12 @@ def run_ours(config: TrainConfig, warmup: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m debater.bench.trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/models/smollm2-135m")
+    parser = benchmark_parser("trainer", __doc__)
     parser.add_argument("--data", type=Path, default=Path("assets/data/debian/echo-data"))
     parser.add_argument("--steps", type=int, default=5, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
     parser.add_argument("--batch", type=int, default=8, help="queries per step (each with a positive and a negative)")
     parser.add_argument("--max-length", type=int, default=64, help="document tokens (queries: 3/4 of it)")
-    parser.add_argument("--out", type=Path, help="write the result JSON here")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
@@ -184,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "summary": f"trainer: ours {ours:.0f} tokens/s vs Trainer baseline {baseline:.0f} tokens/s "
                    f"= {ours / baseline:.2f}x ({args.steps} steps of {args.batch} after {args.warmup} warm-up)",
-    }, args.out)
+    }, args.out, args.model)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
