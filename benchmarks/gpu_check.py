@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_training
+from benchmarks.ablation import TEST_SET, TRAIN_DATA
 from benchmarks.common import benchmark_parser
 from benchmarks.tiny_model import build_tiny_model, echo_texts
+from debater.core.cli_support import EMBEDDED_MODEL
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "datasets", "mteb", "pyarrow", "flash-attn")
 SMOKE_NOTE = ("SMOKE RUN: no CUDA GPU here, so this ran a tiny random model on the test fixtures for a few steps "
@@ -41,10 +43,10 @@ FIXTURES = Path("tests/fixtures")
 def plan(smoke: bool, out: Path, steps: int | None) -> dict:
     """What each part runs on: the real model and data on a GPU, the tiny model and fixtures in a smoke run."""
     if not smoke:
-        return {"model": "assets/models/smollm2-135m", "tasks": "assets/data/debian/test", "eval_args": ["--batch-size", "256"],
+        return {"model": EMBEDDED_MODEL, "tasks": TEST_SET, "eval_args": ["--batch-size", "256"],
                 "shape": "launch/configs/minicpm2-2b-shape.json", "throughput_args": ["--queries", "64", "--seq", "512"],
                 "jobs": 3, "part_timeout": 240,
-                "training": {"dataset_file_path": "assets/data/debian/echo-data", "per_device_train_batch_size": 256,
+                "training": {"dataset_file_path": TRAIN_DATA, "per_device_train_batch_size": 256,
                              "negatives_per_query": 1, "stop_after_n_steps": steps or 150, "max_seq_length": 64,
                              "query_max_length": 48, "doc_body_max_length": 44, "torch_dtype": "bfloat16",
                              "attn_implementation": "sdpa", "grad_cache_chunk_size": 128, "warmup_steps": 10,
