@@ -28,6 +28,7 @@ import torch
 from benchmarks import gpu_training
 from benchmarks.ablation import TEST_SET, TRAIN_DATA
 from benchmarks.common import benchmark_parser
+from benchmarks.step_throughput import SHAPE
 from benchmarks.tiny_model import build_tiny_model, echo_texts
 from debater.core.cli_support import EMBEDDED_MODEL
 
@@ -44,7 +45,7 @@ def plan(smoke: bool, out: Path, steps: int | None) -> dict:
     """What each part runs on: the real model and data on a GPU, the tiny model and fixtures in a smoke run."""
     if not smoke:
         return {"model": EMBEDDED_MODEL, "tasks": TEST_SET, "eval_args": ["--batch-size", "256"],
-                "shape": "launch/configs/minicpm2-2b-shape.json", "throughput_args": ["--queries", "64", "--seq", "512"],
+                "shape": str(SHAPE), "throughput_args": ["--queries", "64", "--seq", "512"],
                 "jobs": 3, "part_timeout": 240,
                 "training": {"dataset_file_path": TRAIN_DATA, "per_device_train_batch_size": 256,
                              "negatives_per_query": 1, "stop_after_n_steps": steps or 150, "max_seq_length": 64,

@@ -1,7 +1,7 @@
 """One training step at the released shape (MiniCPM-2.4B, random weights): tokens/s, peak memory, MFU.
 
 The decoder is built from a config in the repository with random weights
-(launch/configs/minicpm2-2b-shape.json: MiniCPM-2.4B's layers and widths), 64 queries with one hard
+(benchmarks/shapes/minicpm2-2b.json: MiniCPM-2.4B's layers and widths), 64 queries with one hard
 negative each (192 texts) of 512 tokens, LoRA, gradient checkpointing, through the trainer's own path
 (config -> build_training_encoder -> DeepSpeed ZeRO-2 engine -> TrainingStep). Reports tokens/s, peak memory
 and MFU. Runs as one process that is its own single-rank group.
@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import benchmark_parser, write_result
 
-SHAPE = Path("launch/configs/minicpm2-2b-shape.json")
+SHAPE = Path("benchmarks/shapes/minicpm2-2b.json")
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM dense bf16, vendor datasheet
 FORMULA = ("model FLOPs/token = 4 P + 6 P_lora + 12 s d L (frozen base: forward 2P + 2P_lora + 4sdL, backward "
            "2P + 4P_lora + 8sdL); hardware FLOPs add checkpointing's second forward: 6 P + 8 P_lora + 16 s d L; "
