@@ -4,8 +4,10 @@ The backend is flash_attention_2 when flash-attn is importable on a GPU, else sd
 choice, ``choose_attention``). The kernels are read from the profiler over one forward and backward. Then one
 batch, left-padded as the loader pads (rows of several lengths, 64 tokens wide: the shape that made cuDNN's
 backward return NaN), goes through two encoders that differ only in ``attn_implementation`` (sdpa and eager,
-same weights, same LoRA initialisation, no dropout). Their embeddings and their gradients in every trainable
-tensor must agree within the dtype's tolerance, as relative L2 errors ||a - b|| / ||b||.
+same weights, same LoRA initialisation, no dropout); relative L2 errors ||a - b|| / ||b|| of their embeddings
+and their gradients in every trainable tensor. In fp32 they must agree within a fixed tolerance. In bf16 the
+rounding alone moves the gradients by several percent, so both are compared with eager attention in fp32, and
+sdpa must be no further from it than eager is (up to a factor).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import torch
 
 from benchmarks.common import benchmark_parser, write_result
 
-# relative L2 error allowed between sdpa and eager: bf16 operands round at ~4e-3 per product, over many layers
-TOLERANCE = {"bfloat16": {"embeddings": 2e-2, "gradients": 5e-2}, "float32": {"embeddings": 1e-4, "gradients": 1e-3}}
+TOLERANCE_FP32 = {"embeddings": 1e-4, "gradients": 1e-3}  # relative L2 error allowed between sdpa and eager in fp32
+# in bf16 (rounding alone moves gradients by ~0.1-0.2 relative here): sdpa may be at most this much further than eager
+# from the fp32 eager answer
+BF16_SLACK = 1.5
 KERNEL_WORDS = ("attention", "flash", "fmha")  # in the names of sdpa's, flash-attn's and eager's kernels/ops
 
 
@@ -77,6 +81,20 @@ def kernels_used(encoder, batch) -> list[str]:
     return sorted(n for n in names if any(word in n.lower() for word in KERNEL_WORDS))
 
 
+def errors_against(reference: tuple, other: tuple) -> dict[str, float]:
+    """Relative L2 errors of (embeddings, gradients) against a reference's, over every trainable tensor."""
+    names = sorted(reference[1])
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])  # noqa: E731
+    return {"embeddings": relative_error(other[0], reference[0]),
+            "gradients": relative_error(flat(other[1]), flat(reference[1])),
+            "worst_tensor": max(relative_error(other[1][n], reference[1][n]) for n in names)}
+
+
+def run_with(model: Path, attention: str, dtype: str, device, batch) -> tuple:
+    encoder, _ = build(model, attention, dtype, device)
+    return embeddings_and_gradients(encoder, batch)
+
+
 def check(model: Path) -> dict:
     from debater.model import avoid_cudnn_attention_backward, choose_attention
 
@@ -88,25 +106,23 @@ def check(model: Path) -> dict:
     encoder, tokenizer = build(model, backend, dtype, device)
     batch = padded_batch(len(tokenizer), 12, 64, device)
     result = {"dtype": dtype, "backend": backend, "kernels": kernels_used(encoder, batch)}
-    fast_embeddings, fast_grads, fast_loss = embeddings_and_gradients(encoder, batch)
     del encoder
-    if backend != "sdpa":
-        sdpa, _ = build(model, "sdpa", dtype, device)
-        fast_embeddings, fast_grads, fast_loss = embeddings_and_gradients(sdpa, batch)
-        del sdpa
-    eager, _ = build(model, "eager", dtype, device)
-    eager_embeddings, eager_grads, eager_loss = embeddings_and_gradients(eager, batch)
-    names = sorted(eager_grads)
-    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])  # noqa: E731
-    errors = {"embeddings": relative_error(fast_embeddings, eager_embeddings),
-              "gradients": relative_error(flat(fast_grads), flat(eager_grads)),
-              "worst_tensor": max(relative_error(fast_grads[n], eager_grads[n]) for n in names)}
-    finite = bool(torch.isfinite(fast_embeddings).all() and torch.isfinite(flat(fast_grads)).all())
-    tolerance = TOLERANCE[dtype]
-    result.update({"sdpa_vs_eager": {k: round(v, 6) for k, v in errors.items()}, "tolerance": tolerance,
-                   "losses": {"sdpa": fast_loss, "eager": eager_loss}, "finite": finite,
-                   "ok": finite and errors["embeddings"] <= tolerance["embeddings"]
-                   and errors["gradients"] <= tolerance["gradients"]})
+    sdpa = run_with(model, "sdpa", dtype, device, batch)
+    eager = run_with(model, "eager", dtype, device, batch)
+    finite = bool(torch.isfinite(sdpa[0]).all() and all(torch.isfinite(g).all() for g in sdpa[1].values()))
+    result.update({"sdpa_vs_eager": errors_against(eager, sdpa), "losses": {"sdpa": sdpa[2], "eager": eager[2]},
+                   "finite": finite})
+    if dtype == "float32":
+        tolerance = TOLERANCE_FP32
+        result["rule"] = f"sdpa within {tolerance} of eager (relative L2)"
+        within = all(result["sdpa_vs_eager"][k] <= tolerance[k] for k in tolerance)
+    else:  # bf16 rounding alone moves gradients by several percent: judge both against fp32 eager attention
+        exact = run_with(model, "eager", "float32", device, batch)
+        result["against_fp32_eager"] = {"sdpa": errors_against(exact, sdpa), "eager": errors_against(exact, eager)}
+        result["rule"] = f"sdpa's error against fp32 eager at most {BF16_SLACK}x eager's own bf16 error (+1e-3)"
+        within = all(result["against_fp32_eager"]["sdpa"][k] <= BF16_SLACK * result["against_fp32_eager"]["eager"][k]
+                     + 1e-3 for k in ("embeddings", "gradients"))
+    result["ok"] = finite and within
     return result
 
 
@@ -116,6 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     errors = result["sdpa_vs_eager"]
     result["summary"] = (f"attention: {result['backend']} ({result['dtype']}); sdpa vs eager relative error "
                          f"{errors['embeddings']:.2e} (embeddings), {errors['gradients']:.2e} (gradients): "
-                         + ("within tolerance" if result["ok"] else "BEYOND TOLERANCE or not finite"))
+                         + ("ok" if result["ok"] else "FAILED") + f" ({result['rule']})")
     write_result(result, args.out, args.model)
     return 0 if result["ok"] else 1

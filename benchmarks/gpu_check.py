@@ -4,9 +4,9 @@ With a CUDA GPU (after launch/gpu_check.sh has installed the wheelhouse and conv
 within a wall-clock budget, and writes OUT/report.json and OUT/report.md after every part:
 1. environment: machine, GPU, driver and package versions;
 2. attention: the kernel training really runs, and sdpa against eager on one batch (benchmarks/attention_check.py);
-3. throughput: one training step at the released shape (benchmarks/step_throughput.py);
-4. training: three bf16 runs side by side at the paper's global batch, checked, plotted and evaluated on the
-   whole Debian test set (benchmarks/gpu_training.py).
+3. training: three bf16 runs side by side at the paper's global batch, checked, plotted and evaluated on the
+   whole Debian test set (benchmarks/gpu_training.py), stopped in time to leave the rest its share of the budget;
+4. throughput: one training step at the released shape (benchmarks/step_throughput.py).
 Without one it runs the same parts on a tiny model and the test fixtures, for a few steps: a smoke run that
 only shows the script works, and says so in the report.
 """
@@ -46,9 +46,9 @@ def plan(smoke: bool, out: Path, steps: int | None) -> dict:
     if not smoke:
         return {"model": EMBEDDED_MODEL, "tasks": TEST_SET, "eval_args": ["--batch-size", "256"],
                 "shape": str(SHAPE), "throughput_args": ["--queries", "64", "--seq", "512"],
-                "jobs": 3, "part_timeout": 240,
+                "jobs": 3, "part_timeout": 240, "eval_timeout": 150, "reserve": {"throughput": 120, "eval": 90},
                 "training": {"dataset_file_path": TRAIN_DATA, "per_device_train_batch_size": 256,
-                             "negatives_per_query": 1, "stop_after_n_steps": steps or 150, "max_seq_length": 64,
+                             "negatives_per_query": 1, "stop_after_n_steps": steps or 100, "max_seq_length": 64,
                              "query_max_length": 48, "doc_body_max_length": 44, "torch_dtype": "bfloat16",
                              "attn_implementation": "sdpa", "grad_cache_chunk_size": 128, "warmup_steps": 10,
                              "save_steps": 25}}
@@ -59,6 +59,7 @@ def plan(smoke: bool, out: Path, steps: int | None) -> dict:
     shape.write_text(json.dumps(TINY_SHAPE))
     return {"model": str(model), "tasks": str(FIXTURES / "beir"), "eval_args": ["--max-length", "32"],
             "shape": str(shape), "throughput_args": ["--queries", "2", "--seq", "32"], "jobs": 1, "part_timeout": 300,
+            "eval_timeout": 600, "reserve": {"throughput": 60, "eval": 30},
             "training": {"dataset_file_path": str(FIXTURES / "echo"), "model_name_or_path": str(model),
                          "per_device_train_batch_size": 4, "stop_after_n_steps": steps or 3, "max_seq_length": 32,
                          "query_max_length": 32, "torch_dtype": "float32", "grad_cache_chunk_size": 3,
@@ -73,7 +74,8 @@ def environment(smoke: bool) -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     info = {"mode": "smoke" if smoke else "gpu", "python": platform.python_version(), "host": platform.node(),
-            "cpus": os.cpu_count(), "versions": versions, "cuda": torch.version.cuda}
+            "cpus": os.cpu_count(), "versions": versions, "cuda": torch.version.cuda,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
@@ -138,6 +140,8 @@ def markdown(data: dict) -> str:
             for model, scores in result["scores"].items():
                 lines.append(f"| {model} | " + " | ".join(f"{scores[k]:.4f}" for k in
                                                         ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10")) + " |")
+            if "eval_error" in result:
+                lines += ["", f"Evaluation failed: {result['eval_error']}"]
             lines += ["", f"![loss curves]({Path(result['loss_curves']).name})"]
         else:
             lines += ["```json", json.dumps(result, indent=2, default=str), "```"]
@@ -148,6 +152,7 @@ def run_part_process(name: str, args: list[str], out: Path, timeout: float) -> d
     """A benchmark in its own process (a crash or an out-of-memory there cannot take the report with it);
     its result is OUT.json, its output OUT.log."""
     log, result = out.parent / f"{out.name}.log", out.parent / f"{out.name}.json"
+    result.unlink(missing_ok=True)  # an earlier check's result must not stand in for this one's
     with open(log, "w") as handle:
         done = subprocess.run([sys.executable, "-m", "benchmarks", name, *args, "--out", str(out)], stdout=handle,
                               stderr=subprocess.STDOUT, timeout=timeout)
@@ -161,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("gpu_check", __doc__, model=False)
     parser.set_defaults(out=Path("runs/gpu-check"))  # the folder of report.json and report.md (issue 15)
     parser.add_argument("--smoke", action="store_true", help="the smoke run even when a GPU is present")
-    parser.add_argument("--steps", type=int, help="training steps per run (default: 150 on a GPU, 3 in a smoke run)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: 100 on a GPU, 3 in a smoke run)")
     parser.add_argument("--budget-s", type=float, help="wall-clock budget after set-up (default: 360 on a GPU; 900 in a "
                         "smoke run, which takes about 2 minutes but must not fail on a busy machine); "
-                        "training runs still going when only the evaluation's share is left are stopped and judged on "
-                        "their last checkpoint")
+                        "training runs still going when only the evaluation's and the throughput step's share is left "
+                        "are stopped and judged on their last checkpoint")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     budget = args.budget_s or (900 if smoke else 360)
@@ -177,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     report.part("environment", environment, smoke)
     report.part("attention", run_part_process, "attention_check", ["--model", settings["model"]],
                 args.out / "attention", settings["part_timeout"])
+    # training first, stopped in time to leave the evaluation and the throughput step their share of the budget
+    deadline = report.start + budget - sum(settings["reserve"].values())
+    report.part("training", gpu_training.run, args.out / "training", settings["training"], settings["jobs"],
+                deadline, settings["model"], settings["tasks"], settings["eval_args"], settings["eval_timeout"])
     report.part("throughput", run_part_process, "step_throughput",
                 ["--shape", settings["shape"], "--model", settings["model"], *settings["throughput_args"]],
                 args.out / "throughput", settings["part_timeout"])
-    eval_reserve = 30 if smoke else 90
-    deadline = report.start + budget - eval_reserve
-    report.part("training", gpu_training.run, args.out / "training", settings["training"], settings["jobs"],
-                deadline, settings["model"], settings["tasks"], settings["eval_args"])
     print(f"gpu-check: report in {args.out}/report.md ({'ok' if report.data['ok'] else 'FAILED'}, "
           f"{report.data['wall_s']} s)")
     return 0 if report.data["ok"] else 1

@@ -8,10 +8,10 @@ that moved (LoRA's B matrices start at zero, so any non-zero entry is the optimi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -49,13 +49,31 @@ def train_arms(out: Path, settings: dict, jobs: int, deadline: float) -> dict[st
         for arm, (process, start) in list(running.items()):
             late = time.monotonic() > deadline
             if late and process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-                process.wait()
+                stop_tree(process)
             if process.poll() is not None:
                 del running[arm]
                 done[arm] = {"exit": process.returncode, "seconds": round(time.monotonic() - start),
                              "log": str(out / f"{arm}.log"), **({"stopped_at_deadline": True} if late else {})}
     return done
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """Stop a launch and every process under it: the deepspeed runner of a local launch does not pass SIGTERM on
+    to the launcher and the ranks below it."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
+    for member in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    for member in psutil.wait_procs(processes, timeout=60)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait()
 
 
 def adapter_moved(run: Path) -> float:
@@ -117,33 +135,46 @@ def plot_curves(checks: dict[str, dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def evaluate(models: list[str], tasks: str, out: Path, extra: list[str]) -> dict:
+def evaluate(models: list[str], tasks: str, out: Path, extra: list[str], timeout: float) -> dict:
     """nDCG@10 and the other metrics of every model, through `python -m debater eval`."""
     command = [sys.executable, "-m", "debater", "eval", "--tasks", tasks, "--out", str(out), *extra]
     for model in models:
         command += ["--model", model]
     with open(out.with_suffix(".log"), "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     results = json.loads((out / "results.json").read_text())["results"]
     return {model: next(iter(entry["scores"].values())) for model, entry in results.items()}
 
 
-def run(out: Path, settings: dict, jobs: int, deadline: float, base_model: str, tasks: str,
-        eval_args: list[str]) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    launched = train_arms(out, settings, jobs, deadline)
-    checks = {}
-    for arm in TRAINING_ARMS:
-        steps = settings["stop_after_n_steps"]
-        if launched[arm].get("stopped_at_deadline"):  # as many steps as fitted: judge those, from the last checkpoint
+def judge(out: Path, arm: str, launched: dict, steps: int) -> dict:
+    """One arm's check; a run stopped at the deadline is judged on the steps it ran, from its last checkpoint."""
+    try:
+        if launched.get("stopped_at_deadline"):
             export_latest_checkpoint(out / arm)
             steps = max(1, len(tensorboard_scalars(out / arm, "train/grad_norm")))
-        checks[arm] = {**launched[arm], **check_run(out / arm, steps)}
+        return {**launched, **check_run(out / arm, steps)}
+    except Exception as error:  # noqa: BLE001  one arm's failure must not lose the others' checks
+        return {**launched, "ok": False, "problems": [f"{type(error).__name__}: {error}"], "steps_logged": 0,
+                "steps_with_finite_grad_norm": 0, "first_loss": None, "last_loss": None, "last_in_batch_top1": None,
+                "curves": {"loss": {}, "top1": {}}}
+
+
+def run(out: Path, settings: dict, jobs: int, deadline: float, base_model: str, tasks: str,
+        eval_args: list[str], eval_timeout: float) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # runs left by an earlier check would be resumed, not trained
+    out.mkdir(parents=True)
+    launched = train_arms(out, settings, jobs, deadline)
+    checks = {arm: judge(out, arm, launched[arm], settings["stop_after_n_steps"]) for arm in TRAINING_ARMS}
     plot_curves(checks, out / "loss_curves.png")
     labels = {base_model: "base model (untrained)"}
     labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
-    scores = {labels[model]: values for model, values in evaluate(list(labels), tasks, out / "eval", eval_args).items()}
+    result = {"arms": checks, "loss_curves": str(out / "loss_curves.png")}
+    try:
+        scores = evaluate(list(labels), tasks, out / "eval", eval_args, eval_timeout)
+        result["scores"] = {labels[model]: values for model, values in scores.items()}
+    except (subprocess.SubprocessError, OSError, ValueError) as error:
+        result.update(scores={}, eval_error=f"{type(error).__name__}: {error} (see {out / 'eval.log'})")
     for check in checks.values():
         check["curves"] = {name: {str(s): round(v, 4) for s, v in curve.items()} for name, curve in check["curves"].items()}
-    return {"arms": checks, "scores": scores, "loss_curves": str(out / "loss_curves.png"),
-            "ok": all(check["ok"] for check in checks.values())}
+    result["ok"] = "eval_error" not in result and all(check["ok"] for check in checks.values())
+    return result

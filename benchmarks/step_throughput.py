@@ -139,6 +139,9 @@ def measure(args: argparse.Namespace) -> dict:
     step = TrainingStep(engine, config, None)
     batch = random_batch(args.queries, 1, args.seq, len(tokenizer), engine.device)
     tokens = batch["query_ids"].numel() + batch["doc_ids"].numel()
+    if gpu:  # the peak of the steps, not of building the random model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     times, parts, grad_norm = timed_steps(step, batch, 1 + args.timed_steps, args.out)  # the first warms up
     seconds = min(times[1:])
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if gpu else None

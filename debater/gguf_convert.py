@@ -32,6 +32,16 @@ def find_package_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
     return files[0]
 
 
+def name_special_tokens(tokenizer, config) -> None:
+    """EOS and padding as the GGUF's metadata gives them (SmolLM2: <|im_end|>, id 2). transformers 5.24 reads
+    them so; 5.17 (the GPU image's) made EOS <|im_start|>, BOS's id, and set no padding, which would change
+    every text's last token."""
+    eos = config.eos_token_id
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id if config.pad_token_id is not None
+                                                          else eos)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Write a safetensors model folder for ``gguf_path`` at ``out_dir`` (atomic, idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -43,6 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     log.info("converting %s -> %s (dequantising once, ~1 minute)", gguf_path, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    name_special_tokens(tokenizer, quantised.config)
     config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"})
     config.dtype = "float32"
     plain = AutoModelForCausalLM.from_config(config)

@@ -175,6 +175,13 @@ def load_backbone_with_steps(path: str, tokenizer, settings: EncodingSettings, d
     return backbone
 
 
+def enable_checkpointing(backbone: nn.Module, kwargs: dict) -> None:
+    """Gradient checkpointing with torch checkpoint ``kwargs``: transformers 5.24 names the method
+    activation_checkpointing_enable, earlier 5.x releases (5.17 on the GPU image) gradient_checkpointing_enable."""
+    enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+    enable(kwargs)
+
+
 def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     """Backbone + LoRA (+ trainable step-token rows when ``train_step_rows``), as the config says."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -184,8 +191,7 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
                                         config.attn_implementation, config.trust_remote_code, config.step_token_init)
     text_keys = TextKeys()
     if config.gradient_checkpointing:
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": text_keys.checkpoint_contexts})
+        enable_checkpointing(backbone, {"use_reentrant": False, "context_fn": text_keys.checkpoint_contexts})
     if config.peft_model_name_or_path:
         restore_step_rows(backbone, Path(config.peft_model_name_or_path))
         model = PeftModel.from_pretrained(backbone, config.peft_model_name_or_path, is_trainable=True)

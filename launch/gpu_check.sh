@@ -4,7 +4,10 @@
 # run, in .venv. Arguments go to `python -m benchmarks gpu_check` (--out, --steps, --budget-s, --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+    echo "gpu-check: nvidia-smi sees a GPU but $(command -v python3) has no CUDA torch: put the python3 that has" \
+         "it first on PATH" >&2; exit 1; }
   SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
   python3 -m debater.wheelhouse unpack --site "$SITE"
   export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"

@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from conftest import ROOT, training_env
 from safetensors.torch import save_file
 
-from benchmarks.gpu_training import check_run
+from benchmarks.gpu_training import check_run, stop_tree
 from debater import wheelhouse
 
 PARTS = {"environment", "attention", "throughput", "training"}
@@ -130,3 +131,17 @@ def test_wheelhouse_pins_agree_with_requirements():
     shared = set(ours) & set(gpu)
     assert {"deepspeed", "datasets", "mteb", "gguf"} <= shared
     assert {name: gpu[name] for name in shared} == {name: ours[name] for name in shared}
+
+
+def test_stopping_a_launch_stops_every_process_under_it():
+    """A launch stopped at the deadline must not leave ranks running (the deepspeed runner of a local launch does
+    not pass SIGTERM on; here a shell that leaves its children behind when it dies stands in for it)."""
+    import psutil
+
+    launch = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 300 & wait"])
+    time.sleep(0.5)
+    children = psutil.Process(launch.pid).children(recursive=True)
+    assert len(children) == 2
+    stop_tree(launch)
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
