@@ -55,11 +55,17 @@ def minilm_folder() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
+def demo_config(*overrides: dict) -> dict:
+    """The demo config in the paper's document format, then ``overrides`` in order (an arm, a run's settings)."""
+    config = {**json.loads(BASE_CONFIG.read_text()), **PAPER_FORMAT}
+    for override in overrides:
+        config.update(override)
+    return config
+
+
 def arm_config(arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """The demo config with the arm's document format and loss, and what the ablation fixes for every arm."""
-    config = json.loads(BASE_CONFIG.read_text())
-    config.update(PAPER_FORMAT)
-    config.update(ARMS[arm])
+    config = demo_config(ARMS[arm])
     config.update({"output_dir": str(out), "dataset_file_path": TRAIN_DATA, "seed": seed,
                    "stop_after_n_steps": args.steps, "save_steps": args.save_every or args.steps,
                    "logging_steps": 5, "doc_body_max_length": args.body})

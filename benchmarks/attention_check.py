@@ -57,10 +57,8 @@ def embeddings_and_gradients(encoder, batch) -> tuple[torch.Tensor, dict[str, to
     from debater.losses import debater_loss
 
     encoder.zero_grad(set_to_none=True)
-    queries, views = encoder(**batch)
-    positives = views[:queries.shape[0]]
-    candidates = torch.cat([positives, views[queries.shape[0]:]])
-    loss = debater_loss(queries, candidates, torch.arange(queries.shape[0], device=queries.device), "full").total
+    queries, views = encoder(**batch)  # the first documents are the queries' positives
+    loss = debater_loss(queries, views, torch.arange(queries.shape[0], device=queries.device), "full").total
     loss.backward()
     grads = {n: p.grad.detach().float().clone() for n, p in encoder.named_parameters() if p.grad is not None}
     return torch.cat([queries.detach().float().flatten(), views.detach().float().flatten()]), grads, float(loss.detach())
@@ -70,15 +68,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def kernels_used(encoder, batch) -> list[str]:
-    """Names of the attention kernels (or CPU ops) one forward and backward ran."""
+def profiled(encoder, batch) -> tuple[tuple, list[str]]:
+    """(embeddings_and_gradients, names of the attention kernels or CPU ops that forward and backward ran)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        embeddings_and_gradients(encoder, batch)
+        outputs = embeddings_and_gradients(encoder, batch)
     names = {event.key for event in prof.key_averages()}
-    return sorted(n for n in names if any(word in n.lower() for word in KERNEL_WORDS))
+    return outputs, sorted(n for n in names if any(word in n.lower() for word in KERNEL_WORDS))
 
 
 def errors_against(reference: tuple, other: tuple) -> dict[str, float]:
@@ -105,9 +103,10 @@ def check(model: Path) -> dict:
     backend = choose_attention("flash_attention_2")
     encoder, tokenizer = build(model, backend, dtype, device)
     batch = padded_batch(len(tokenizer), 12, 64, device)
-    result = {"dtype": dtype, "backend": backend, "kernels": kernels_used(encoder, batch)}
+    outputs, kernels = profiled(encoder, batch)
+    result = {"dtype": dtype, "backend": backend, "kernels": kernels}
     del encoder
-    sdpa = run_with(model, "sdpa", dtype, device, batch)
+    sdpa = outputs if backend == "sdpa" else run_with(model, "sdpa", dtype, device, batch)
     eager = run_with(model, "eager", dtype, device, batch)
     finite = bool(torch.isfinite(sdpa[0]).all() and all(torch.isfinite(g).all() for g in sdpa[1].values()))
     result.update({"sdpa_vs_eager": errors_against(eager, sdpa), "losses": {"sdpa": sdpa[2], "eager": eager[2]},

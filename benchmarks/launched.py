@@ -2,13 +2,12 @@
 paper's document format, trained from scratch, read back from its TensorBoard log."""
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import statistics
 from pathlib import Path
 
-from benchmarks.ablation import BASE_CONFIG, PAPER_FORMAT, TRAIN_DATA, start_training
+from benchmarks.ablation import TRAIN_DATA, demo_config, start_training
 from benchmarks.common import tensorboard_scalars
 
 
@@ -20,12 +19,9 @@ def free_port() -> int:
 
 def paper_format_config(run: Path, batch: int, length: int, steps: int, extra: dict) -> dict:
     """The demo config in the paper's document format (full loss), ``batch`` queries per device."""
-    config = json.loads(BASE_CONFIG.read_text())
-    config.update(PAPER_FORMAT)
-    config.update({"output_dir": str(run), "dataset_file_path": TRAIN_DATA, "loss_variant": "full",
-                   "per_device_train_batch_size": batch, "max_seq_length": length, "query_max_length": length,
-                   "stop_after_n_steps": steps, "logging_steps": 1, "save_steps": steps, **extra})
-    return config
+    return demo_config({"output_dir": str(run), "dataset_file_path": TRAIN_DATA, "loss_variant": "full",
+                        "per_device_train_batch_size": batch, "max_seq_length": length, "query_max_length": length,
+                        "stop_after_n_steps": steps, "logging_steps": 1, "save_steps": steps, **extra})
 
 
 def measure(run: Path, config: dict, nproc: int) -> dict:
