@@ -13,6 +13,7 @@ log = logging.getLogger("debater")
 
 def cmd_train(args) -> int:
     from debater.core.config import load_config
+    from debater.stop_request import EXIT_STOPPED, StoppedEarly
     from debater.train import train
 
     if args.help_config:
@@ -30,7 +31,12 @@ def cmd_train(args) -> int:
     ds_config = args.deepspeed or config.deepspeed
     if not ds_config:
         raise ValueError("no DeepSpeed config: pass --deepspeed ds_configs/zero2_cpu.json (or set 'deepspeed')")
-    train(config, ds_config)
+    try:
+        train(config, ds_config)
+    except StoppedEarly as stopped:
+        log.warning("%s", stopped)
+        stopped.note()
+        return EXIT_STOPPED
     return 0
 
 

@@ -60,6 +60,14 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of a small integer tensor over ranks: any rank's flag, seen by every rank."""
+    values = values.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def gather_values(value: torch.Tensor) -> torch.Tensor:
     """Concatenate a detached tensor from every rank (equal sizes), for logging."""
     if world_size() == 1:

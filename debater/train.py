@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from debater.core.config import TrainConfig
 from debater.core.padding import pad_token_id
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
+from debater.stop_request import StoppedEarly, StopRequest
 from debater.training_step import TrainingError, TrainingStep
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
     import deepspeed
     from transformers import AutoTokenizer
 
+    stop = StopRequest(config)
+    stop.install()  # first: a signal during set-up must not kill a rank (it stops the run after its first step)
     deepspeed.init_distributed()
     distributed.release_cpu_allreduce_buffer()
     avoid_cudnn_attention_backward()
@@ -130,8 +134,13 @@ def train(config: TrainConfig, ds_config_path: str) -> Path:
         step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint, global_batch)
     loader = RankLoader(data, plan, rank, world, pad_token_id(tokenizer), config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
+    if rank == 0:
+        log.info("%s", stop.describe())
     try:
-        _loop(TrainingStep(engine, config, scheduler), loader, monitor, ckpt_dir, step, next_batch, total_steps)
+        _loop(TrainingStep(engine, config, scheduler), loader, monitor, ckpt_dir, step, next_batch, total_steps, stop)
+    except StoppedEarly:
+        distributed.shutdown()  # every rank has saved: nothing is left to do together
+        raise
     finally:
         monitor.close()  # a run that stops early keeps the curves that explain why
     _check_ranks_agree(engine.module, output_dir, engine.device)
@@ -160,11 +169,19 @@ def _check_ranks_agree(module: torch.nn.Module, output_dir: Path, device: torch.
 
 
 def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckpt_dir: Path, step: int,
-          next_batch: int, total_steps: int) -> None:
-    """Drive the step over the planned batches from (step, next_batch); log and checkpoint on schedule."""
+          next_batch: int, total_steps: int, stop: StopRequest) -> None:
+    """Drive the step over the planned batches from (step, next_batch); log and checkpoint on schedule, and
+    checkpoint and raise ``StoppedEarly`` after the step at which the ranks agreed to stop."""
     config, engine = training_step.config, training_step.engine
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=distributed.rank() != 0)
     window = MetricsWindow()
+
+    def save() -> None:
+        began = time.monotonic()
+        checkpoint.save(engine, ckpt_dir, step, next_batch, config.save_total_limit, loader.global_batch)
+        stop.saved(time.monotonic() - began)
+
+    stop.begin()
     while step < total_steps:
         batch = {k: v.to(engine.device) for k, v in loader.batch(next_batch).items()}
         parts = training_step.forward_backward(batch)
@@ -186,6 +203,14 @@ def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckp
                               engine.module.settings.num_views)
             bar.set_postfix(loss=f"{values['loss/total']:.3f}", acc=f"{values['train/in_batch_top1']:.2f}")
             window = MetricsWindow()
-        if step % config.save_steps == 0 or step == total_steps:
-            checkpoint.save(engine, ckpt_dir, step, next_batch, config.save_total_limit, loader.global_batch)
+        scheduled = step % config.save_steps == 0 or step == total_steps
+        if scheduled:
+            save()
+        reason = stop.agreed(engine.device)  # after the scheduled save: the margin is then one step and one save
+        if reason and step < total_steps:
+            if not scheduled:
+                save()
+            bar.close()
+            raise StoppedEarly(step, reason)
     bar.close()
+

@@ -20,5 +20,9 @@ done
 for name in PATH DS_ACCELERATOR OMP_NUM_THREADS TOKENIZERS_PARALLELISM HF_HUB_OFFLINE HF_HOME; do
   if [ -n "${!name:-}" ]; then echo "$name=${!name}" >> "$ENV_FILE"; fi
 done
-DS_ENV_FILE=$ENV_FILE deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
-  --module debater train "$CONFIG" --deepspeed "$DS_CONFIG"
+PORT=${MASTER_PORT:-29500}
+HOSTS=$(awk 'NF && $1 !~ /^#/ {print $1}' "$HOSTFILE" | paste -sd,)
+stop_ranks() { PDSH_RCMD_TYPE=ssh pdsh -w "$HOSTS" "$(ranks_stop_command "$MASTER_ADDR" "$PORT")"; }
+export DS_ENV_FILE=$ENV_FILE
+run_stoppable stop_ranks deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
+  --master_port "$PORT" --module debater train "$CONFIG" --deepspeed "$DS_CONFIG"

@@ -8,5 +8,7 @@ source launch/common.sh
 CONFIG=${1:?usage: launch/single_node.sh CONFIG [NPROC] [DS_CONFIG] [--set KEY=VALUE ...]}
 NPROC=${2:-$(default_nproc)}
 DS_CONFIG=${3:-$(default_ds_config)}
-exec deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" \
+PORT=${MASTER_PORT:-29500}
+stop_ranks() { eval "$(ranks_stop_command 127.0.0.1 "$PORT")"; }
+run_stoppable stop_ranks deepspeed --num_gpus "$NPROC" --master_port "$PORT" \
   --module debater train "$CONFIG" --deepspeed "$DS_CONFIG" "${@:4}"

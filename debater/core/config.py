@@ -10,9 +10,12 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from debater.core.errors import UserError
@@ -40,6 +43,35 @@ IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "overwrite_output_dir"
 
 class ConfigError(UserError, ValueError):
     """A training configuration that cannot be run as written."""
+
+
+# a stop signal must reach a Python handler: not SIGKILL/SIGSTOP (uncatchable), nor signals that report faults
+CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
+                                                        "SIGABRT", "SIGCHLD"}
+
+
+def parse_end_time(text: str) -> float:
+    """An ISO 8601 time as seconds since the epoch; without an offset it is UTC (cluster clocks usually are)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"end_time must be an ISO 8601 time such as 2026-12-01T23:30:00Z, got {text!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def end_time_epoch(config: "TrainConfig", environ=os.environ) -> tuple[float | None, str]:
+    """(end of the job in seconds since the epoch or None, where it came from): the config's end_time, else
+    SLURM's SLURM_JOB_END_TIME (seconds since the epoch) when set."""
+    if config.end_time is not None:
+        return parse_end_time(config.end_time), "end_time"
+    slurm = environ.get("SLURM_JOB_END_TIME")
+    if not slurm:
+        return None, ""
+    try:
+        return float(slurm), "SLURM_JOB_END_TIME"
+    except ValueError:
+        raise ConfigError(f"SLURM_JOB_END_TIME should be seconds since the epoch, got {slurm!r}: unset it or set "
+                          "end_time") from None
 
 
 def key(default=dataclasses.MISSING, help: str = "", factory=None):
@@ -105,6 +137,13 @@ class TrainConfig:
     resume_from_checkpoint: str | None = key(None, "latest, or a checkpoint folder; on another number of ranks "
                                                    "at the same global batch too")
     deepspeed: str | None = key(None, "DeepSpeed JSON (the --deepspeed argument wins)")
+    stop_signal: str = key("SIGUSR1", "signal that, like SIGTERM, stops every rank after the current step with a "
+                                      "checkpoint (exit code 75: resumable); sent to any one rank")
+    end_time: str | None = key(None, "when the job ends (ISO 8601, e.g. 2026-12-01T23:30:00Z; UTC without an "
+                                     "offset): the run checkpoints and stops before it; null: SLURM_JOB_END_TIME "
+                                     "when set")
+    stop_safety_s: float = key(60.0, "seconds kept free before end_time besides the measured step and "
+                                     "checkpoint time")
     ignored_keys: list[str] = key(help="(set by the loader) keys of the seed format that have no effect here",
                                   factory=list)
 
@@ -132,6 +171,13 @@ class TrainConfig:
                               f"got {self.grad_cache_chunk_size}")
         if self.doc_body_max_length is not None and self.doc_body_max_length < 1:
             raise ConfigError(f"doc_body_max_length must be >= 1 or null, got {self.doc_body_max_length}")
+        if self.stop_signal not in CATCHABLE_SIGNALS:
+            raise ConfigError(f"stop_signal must be a signal name a process can catch, such as SIGUSR1 or SIGUSR2, "
+                              f"got {self.stop_signal!r}")
+        if self.end_time is not None:
+            parse_end_time(self.end_time)
+        if self.stop_safety_s < 0:
+            raise ConfigError(f"stop_safety_s must be >= 0, got {self.stop_safety_s}")
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("gradient_accumulation_steps must be 1: the contrastive loss needs the whole "
                               "global batch in one step; raise per_device_train_batch_size or add ranks instead "
