@@ -1,17 +1,21 @@
 """Two nodes on one machine, as launch/slurm.sbatch starts them: the script's own body, run without SLURM
 (stand-ins for ``scontrol`` and ``srun`` give it what two one-node tasks would see), starts launch/torchrun.sh
-once per node (NODE_RANK 0 and 1, one CPU rank each), rendezvous over 127.0.0.1; both exit 0 and end with the
-same weights."""
+once per node (NODE_RANK 0 and 1, one CPU rank each), rendezvous over 127.0.0.1; a deadline stops both nodes at
+the same step, the script requeues the job, and the requeued job resumes; both exit 0 and end with the same
+weights."""
 from __future__ import annotations
 
 import pytest
 
 import json
+import re
 import shutil
+import time
 
 from conftest import FIXTURES, free_port, run_launcher, tensorboard_scalars, training_env
 
 from debater.checkpoint import trainable_weights, weights_digest
+from debater.stop_request import EXIT_STOPPED
 
 pytestmark = pytest.mark.launcher
 
@@ -48,21 +52,37 @@ for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 exit $status
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
-[ "$1 $2" = "show hostnames" ] && printf '127.0.0.1\n127.0.0.2\n'
+case "$1" in
+  show) printf '127.0.0.1\n127.0.0.2\n' ;;
+  requeue) echo "$2" >> "$FAKE_LOG" ;;
+esac
 """
 
 
-def test_the_slurm_script_body_trains_on_two_one_node_tasks(tiny_model, tmp_path):
+def test_the_slurm_script_body_trains_on_two_one_node_tasks_across_a_deadline_and_a_requeue(tiny_model, tmp_path):
     """What sbatch would run, minus SLURM: the script picks the first host as master, srun starts
-    launch/torchrun.sh once per node with NODE_RANK from SLURM_NODEID, and the two nodes train as one run."""
+    launch/torchrun.sh once per node with NODE_RANK from SLURM_NODEID, and the two nodes train as one run. The
+    job's end time (SLURM_JOB_END_TIME) is already within the stop margin: every rank stops after the first step
+    with a checkpoint, torchrun.sh exits 75, and the script requeues the job; run again as requeued
+    (SLURM_RESTART_COUNT=1), it resumes from 'latest' with the config unchanged and finishes."""
     config_path, run = _config(tiny_model, tmp_path)
     stand_ins = tmp_path / "bin"
     stand_ins.mkdir()
     for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (stand_ins / name).write_text(body)
         (stand_ins / name).chmod(0o755)
-    env = dict(training_env(), SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2", MASTER_PORT=str(free_port()))
+    env = dict(training_env(), SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+               MASTER_PORT=str(free_port()), FAKE_LOG=str(tmp_path / "requeued"))
     env["PATH"] = f"{stand_ins}:{env['PATH']}"
-    done = run_launcher(["bash", "launch/slurm.sbatch", str(config_path)], env, TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    first = run_launcher(["bash", "launch/slurm.sbatch", str(config_path)],
+                         {**env, "SLURM_JOB_END_TIME": str(int(time.time()))}, TIMEOUT_S)
+    assert first.returncode == EXIT_STOPPED, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step-1"
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    assert "within the margin" in first.stderr
+    second = run_launcher(["bash", "launch/slurm.sbatch", str(config_path)],
+                          {**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())}, TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert re.search(r"resumed from \S+/step-1 at step 1", second.stderr)
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]  # a finished job is not requeued
     _assert_two_ranks_trained_alike(run)
