@@ -1,6 +1,7 @@
-"""Preemption: SIGUSR1 to ``launch/single_node.sh`` training the demo config on 2 ranks, mid-run; the time from the
-signal to the launch's exit, its exit code, and the work lost (steps done minus the step of the checkpoint
-``latest`` it left).
+"""Preemption of the demo run on 2 ranks: time from SIGUSR1 to the launch's exit, and steps lost.
+
+SIGUSR1 goes to ``launch/single_node.sh`` mid-run; the result has the exit code, the time from the signal to the
+launch's exit, and the work lost (steps done minus the step of the checkpoint ``latest`` it left).
 
 The demo config (``launch/configs/demo-smollm2.json``, its own 40-step checkpoint schedule) trains on the raw
 Debian echo-data; the signal goes to the launch script once ``--signal-at`` steps are done (read from the
@@ -31,8 +32,10 @@ def steps_done(log: Path) -> int:
 
 def measure(out: Path, model: str, signal_at: int, steps: int, timeout_s: float) -> dict:
     run = out / "run"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    for stale in (run / "checkpoints", run / "tensorboard", run / "adapter"):  # the preprocessed cache stays
+        shutil.rmtree(stale, ignore_errors=True)
+    (out / "run.log").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     config = {**json.loads(DEMO_CONFIG.read_text()), "model_name_or_path": model, "dataset_file_path": TRAIN_DATA,
               "output_dir": str(run), "stop_after_n_steps": steps}
     launch = start_training(config, 2, free_port())

@@ -5,7 +5,9 @@ their time limit. A handler here only sets a flag. Once per optimizer step the t
 ``StopRequest.agreed``, one MAX all-reduce of [signal seen, deadline near] over the ranks, so a signal that
 reached a single rank stops every rank after the same step. The loop then saves through the checkpoint
 protocol and the process exits with ``EXIT_STOPPED``, which launchers and batch scripts read as "stopped
-early, resume from latest". torchrun exits 1 whatever its workers return, so ``launch/torchrun.sh`` names a
+early, resume from latest". Worker processes forked while the handlers are in place (the tokenizing pool)
+inherit them, so a stop signal that reaches a worker (SLURM signals every process of a job step) is ignored
+there. torchrun exits 1 whatever its workers return, so ``launch/torchrun.sh`` names a
 file in ``DEBATER_STOP_NOTE`` that a stopped rank writes, and exits 75 when it exists.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import time
 from collections import deque
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,10 +65,16 @@ class StopRequest:
         self.save_s = 0.0
         self._last_check = 0.0
 
-    def install(self) -> None:
-        """Handlers that only record the signal (nothing heavy may run inside a handler)."""
-        for signum in self.signals:
-            signal.signal(signum, self._record)
+    @contextmanager
+    def handling_signals(self):
+        """While inside, the stop signals only record themselves (nothing heavy may run in a handler); the
+        handlers before are restored after, so that a caller of ``train`` in its own process gets its own back."""
+        before = {signum: signal.signal(signum, self._record) for signum in self.signals}
+        try:
+            yield self
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
 
     def _record(self, signum: int, frame) -> None:
         self.signal_seen = signum

@@ -93,11 +93,16 @@ def seed_everything(seed: int) -> None:
 
 
 def train(config: TrainConfig, ds_config_path: str) -> Path:
+    """Train; raises ``StoppedEarly`` after checkpointing when a signal or the end time stopped the run."""
+    stop = StopRequest(config)
+    with stop.handling_signals():  # from the start: a signal during set-up stops the run after its first step
+        return _train(config, ds_config_path, stop)
+
+
+def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     import deepspeed
     from transformers import AutoTokenizer
 
-    stop = StopRequest(config)
-    stop.install()  # first: a signal during set-up must not kill a rank (it stops the run after its first step)
     deepspeed.init_distributed()
     distributed.release_cpu_allreduce_buffer()
     avoid_cudnn_attention_backward()

@@ -43,23 +43,17 @@ def test_slurm_job_end_time_is_the_deadline_unless_the_config_names_one():
         end_time_epoch(_config(), {"SLURM_JOB_END_TIME": "soon"})
 
 
-@pytest.fixture
-def restore_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 @pytest.mark.parametrize("configured, sent", [("SIGUSR1", signal.SIGUSR1), ("SIGUSR1", signal.SIGTERM),
                                               ("SIGUSR2", signal.SIGUSR2)])
-def test_a_signal_only_sets_a_flag_that_the_next_step_check_reports(restore_handlers, configured, sent):
+def test_a_signal_only_sets_a_flag_that_the_next_step_check_reports(configured, sent):
+    before = signal.getsignal(sent)
     stop = StopRequest(_config(stop_signal=configured))
-    stop.install()
-    stop.begin()
-    assert stop.agreed(torch.device("cpu")) is None
-    os.kill(os.getpid(), sent)  # the process lives on: the handler only records the signal
-    assert stop.agreed(torch.device("cpu")) == f"{sent.name} received"
+    with stop.handling_signals():
+        stop.begin()
+        assert stop.agreed(torch.device("cpu")) is None
+        os.kill(os.getpid(), sent)  # the process lives on: the handler only records the signal
+        assert stop.agreed(torch.device("cpu")) == f"{sent.name} received"
+    assert signal.getsignal(sent) == before  # the caller's handler is back
 
 
 class FakeClock:
@@ -108,3 +102,20 @@ def test_the_deadline_stops_at_the_last_step_whose_checkpoint_still_ends_in_time
 def test_the_start_up_line_says_when_the_run_stops_at_the_latest():
     stop = StopRequest(_config(end_time="2026-12-01T23:30:00Z", stop_safety_s=90))
     assert "end time 2026-12-01 23:30:00 UTC (from end_time): stops by 2026-12-01 23:28:30 UTC" in stop.describe()
+
+
+def _survive_a_stop_signal(signum: int) -> int:
+    os.kill(os.getpid(), signum)
+    return os.getpid()
+
+
+def test_forked_worker_processes_ignore_the_stop_signals():
+    """The tokenizing pool's workers are forked from a rank that is handling the stop signals: a stop signal that
+    reaches a worker (SLURM signals every process of a job step) leaves it working."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    with StopRequest(_config()).handling_signals():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                assert pool.submit(_survive_a_stop_signal, signum).result(timeout=60) != os.getpid()
