@@ -17,9 +17,11 @@ fi
 STOPPED_EARLY=75
 
 # The command that sends SIGTERM to the ranks of the deepspeed launch rendezvousing at ADDR:PORT on this host:
-# the children of its per-host launch.py (no other run on a host can share that address and port).
+# the children of its per-host launch.py (no other run on a host can share that address and port). The pattern
+# is anchored at the python that runs launch.py: pdsh, ssh and the remote shells carry the same text in their
+# command lines, and signalling their children would cut the launch's ssh sessions.
 ranks_stop_command() {
-  echo "pkill -TERM -P \"\$(pgrep -d, -f '[d]eepspeed.launcher.launch .*--master_addr=$1 --master_port=$2( |\$)')\""
+  echo "pkill -TERM -P \"\$(pgrep -d, -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_addr=$1 --master_port=$2( |\$)')\""
 }
 
 # run_stoppable FORWARD CMD...: run CMD, and on SIGTERM or SIGUSR1 to this script call the function FORWARD (which
