@@ -45,7 +45,7 @@ class MeanPoolTextEncoder:
             out[chunk] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
         return out
 
-    def queries(self, texts: list[str], instruction: str) -> np.ndarray:
+    def queries(self, texts: list[str], instruction: str | None = None) -> np.ndarray:
         return self._encode(texts)  # trained without instructions
 
     def documents(self, texts: list[str]) -> np.ndarray:
