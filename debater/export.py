@@ -22,6 +22,7 @@ from pathlib import Path
 from debater import checkpoint
 from debater.core.config import TrainConfig
 from debater.core.errors import UserError
+from debater.model_card import write_model_cards
 from debater.model import build_training_encoder, load_encoder, save_encoder, write_encoder_meta
 from debater.model_folder import ENCODER_FILE, RUN_INSTRUCTIONS, resolve_base_model
 
@@ -79,10 +80,12 @@ def export_checkpoint(source: Path, out: Path, merged: bool = False, sentence_tr
                      config.trust_remote_code, run_instructions(run_dir), trained)
         if merged or sentence_transformers:
             write_merged(staging, config.torch_dtype)
+        st_folder = None
         if sentence_transformers:
             from debater.st_export import write_sentence_transformers
 
-            write_sentence_transformers(staging)
+            st_folder = write_sentence_transformers(staging)
+        write_model_cards(staging, config.to_dict(), run_dir, st_folder)
         if out.exists():
             log.info("replacing the earlier export in %s", out)
             shutil.rmtree(out)

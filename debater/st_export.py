@@ -69,7 +69,8 @@ def write_sentence_transformers(adapter_dir: Path) -> Path:
     document_length = (settings.doc_body_max_length + len(formatter.doc_suffix) if settings.doc_body_max_length
                        else settings.doc_max_length)
     transformer = Transformer(str(out), query_length=settings.query_max_length, document_length=document_length,
-                              modality_config={"message": {"method": "forward", "method_output_name":
+                              modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"},
+                                               "message": {"method": "forward", "method_output_name":
                                                            "last_hidden_state", "format": "flat"}},
                               module_output_name="token_embeddings",
                               model_kwargs={"trust_remote_code": meta["trust_remote_code"]},
