@@ -117,5 +117,5 @@ def write_merged(adapter_dir: Path, dtype: str) -> Path:
     write_encoder_meta(adapter_dir / MERGED, folded.settings, resolve_base_model(adapter_dir, meta), pooling,
                        meta.get("trust_remote_code", False), merged=True, instructions=meta["instructions"],
                        trained=meta["trained"])
-    log.info("merged model written to %s", adapter_dir / MERGED)
+    log.debug("merged model written to %s", adapter_dir / MERGED)
     return adapter_dir / MERGED

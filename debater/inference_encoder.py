@@ -24,7 +24,7 @@ from tqdm import tqdm
 from debater.core.padding import left_pad, pad_token_id
 from debater.core.prompts import TextFormatter
 from debater.model import DebaterEncoder, load_encoder
-from debater.model_folder import default_instruction
+from debater.model_folder import ModelPathError, default_instruction
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ def load_text_encoder(path: str, batch_size: int = 32, max_length: int | None = 
 
     A sentence-transformers folder (a zero-shot reference such as MiniLM) is encoded its own way.
     """
-    from debater.reference_encoder import MeanPoolTextEncoder, is_sentence_transformers_folder
+    from debater.reference_encoder import MeanPoolTextEncoder, is_sentence_transformers_folder, pooling_mode
 
     if is_sentence_transformers_folder(path):
+        if pooling_mode(path) not in (None, "mean"):  # e.g. our sentence-transformers export (last-token pooling)
+            raise ModelPathError(f"{path} is a sentence-transformers folder with {pooling_mode(path)} pooling, which "
+                                 "only SentenceTransformer(path) encodes as intended: pass the export folder that "
+                                 "holds it (its adapter) instead")
         return MeanPoolTextEncoder(path, batch_size, max_length)
     devices = devices or inference_devices()
     dtype = "bfloat16" if devices[0].startswith("cuda") else "float32"

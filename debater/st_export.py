@@ -81,5 +81,5 @@ def write_sentence_transformers(adapter_dir: Path) -> Path:
     model = SentenceTransformer(modules=[transformer, pooling, Normalize()], similarity_fn_name="cosine",
                                 prompts={"query": f"{instruction} ", "document": ""})
     model.save(str(out), create_model_card=False)
-    log.info("sentence-transformers folder written to %s", out)
+    log.debug("sentence-transformers folder written to %s", out)
     return out

@@ -13,6 +13,7 @@ from conftest import FIXTURES, fixture_texts
 
 from benchmarks.tiny_model import build_tiny_model
 from debater import Retriever
+from debater.cli import main
 from debater.core.config import TrainConfig
 from debater.export import write_merged
 from debater.model import build_training_encoder, save_encoder
@@ -82,3 +83,11 @@ def test_mteb_through_sentence_transformers_scores_as_our_evaluation(exported, t
     (task,) = ours
     assert theirs[task]["ndcg_at_10"] == pytest.approx(ours[task]["ndcg_at_10"], abs=1e-4)
     assert np.isfinite(ours[task]["ndcg_at_10"]) and 0 < ours[task]["ndcg_at_10"] < 1
+
+
+def test_our_commands_refuse_the_sentence_transformers_folder_instead_of_mean_pooling_it(exported, tmp_path,
+                                                                                        caplog):
+    folder = str(exported / "sentence-transformers")
+    assert main(["encode", "--model", folder, "--corpus", str(FIXTURES / "beir" / "corpus.jsonl"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "with lasttoken pooling" in caplog.records[-1].getMessage() and not (tmp_path / "o").exists()
