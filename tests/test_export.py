@@ -124,6 +124,11 @@ def test_the_export_has_a_model_card(exports, interrupted_run):
     config = json.loads((interrupted_run.output_dir / "train_config.json").read_text())
     assert config["model_name_or_path"] in card and f"step 4 of the run `{interrupted_run.output_dir}`" in card
     assert '"Given a query, retrieve the matching document:"' in card  # the fixture data's instruction
+    # training recorded each file's instruction, and both its adapter and the export carry it
+    trained_with = {"tiny_retrieval": [json.loads((ROOT / "tests" / "fixtures" / "echo" / "datasets.json")
+                                                  .read_text())["tiny_retrieval"]]}
+    for folder in (interrupted_run.output_dir / "adapter", exports / "latest"):
+        assert json.loads((folder / "debater.json").read_text())["instructions"] == trained_with
     assert "from debater import Retriever" in card and "python -m debater search" in card
     assert "No evaluation was found" in card
     st_card = (exports / "latest" / "sentence-transformers" / "README.md").read_text()

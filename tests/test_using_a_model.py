@@ -57,14 +57,12 @@ def reference(layout):
 
 
 def test_the_api_and_the_cli_load_a_moved_model_from_another_directory_with_the_same_embeddings(
-        layout, reference, tmp_path):
+        layout, reference, tmp_path, monkeypatch):
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(layout / "runs" / "x" / "adapter", moved)  # the base model stays where it was
     _, texts = read_texts(CORPUS)
-    done = subprocess.run([sys.executable, "-m", "debater", "encode", "--model", "../elsewhere/model", "--corpus",
-                           str(CORPUS), "--out", "encoded"], cwd=tmp_path / "elsewhere", env=training_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["encode", "--model", "../elsewhere/model", "--corpus", str(CORPUS), "--out", "encoded"]) == 0
     ids, cli_vectors, _ = load_embeddings(tmp_path / "elsewhere" / "encoded")
     api = Retriever.load(moved)
     assert ids == read_texts(CORPUS)[0]
