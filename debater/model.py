@@ -15,7 +15,8 @@ from torch import nn
 
 from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 from debater.keyed_dropout import TextKeys, install_keyed_dropout
-from debater.model_folder import ENCODER_FILE, base_model_record, check_model_path, resolve_base_model
+from debater.model_folder import (ENCODER_FILE, ModelPathError, base_model_record, check_model_path,
+                                  resolve_base_model)
 
 log = logging.getLogger(__name__)
 STEP_ROWS_FILE = "step_rows.safetensors"  # the step-token embedding rows used in training
@@ -270,8 +271,13 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
         if meta.get("merged"):
             model = load_backbone(str(folder), dtype, attn_implementation, remote)
         else:
-            backbone = load_backbone(resolve_base_model(folder, meta, base_model), dtype, attn_implementation,
-                                     remote)
+            base = resolve_base_model(folder, meta, base_model)
+            try:
+                backbone = load_backbone(base, dtype, attn_implementation, remote)
+            except OSError as err:  # a hub name that is not available (offline, or no such model)
+                raise ModelPathError(f"the base model {base} of {folder} could not be loaded "
+                                     f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): pass "
+                                     f"--base-model PATH, or set 'base_model' in {folder / ENCODER_FILE}") from None
             if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
                 backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             restore_step_rows(backbone, folder)
