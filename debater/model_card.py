@@ -35,8 +35,8 @@ def model_card(meta: dict, config: dict, run_dir: Path, with_sentence_transforme
     trained = meta["trained"]
     base = meta.get("base_model_hub") or meta.get("base_model_absolute") or meta["base_model"]
     settings = "\n".join(f"| `{key}` | `{json.dumps(config[key])}` |" for key in CARD_KEYS if key in config)
-    instructions = "\n".join(f"- `{stem}`: " + " / ".join(f'"{text}"' for text in options)
-                             for stem, options in meta["instructions"].items()) or "- (none recorded)"
+    instructions = "\n".join(f"  - `{stem}`: " + " / ".join(f'"{text}"' for text in options)
+                             for stem, options in meta["instructions"].items()) or "  - (none recorded)"
     plan = run_dir / "batch_plan.json"
     batches = json.loads(plan.read_text()) if plan.exists() else {}
     front = "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\ntags:\n" \
