@@ -146,3 +146,20 @@ def test_make_export_of_a_folder_that_does_not_exist_says_so():
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "checkpoint folder runs/nope-24 does not exist" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_instructions_a_run_records_come_from_the_preprocessed_data(tiny_model, tmp_path):
+    from data_pipeline.loader import PreprocessedData
+    from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess
+    from debater.core.prompts import EncodingSettings
+
+    shutil.copytree(FIXTURES / "echo", tmp_path / "echo")
+    preprocess(tmp_path / "echo", tmp_path / "out", str(tiny_model), EncodingSettings(doc_max_length=32), workers=1)
+    assert PreprocessedData(tmp_path / "out").instructions() == {"tiny_retrieval": [TRAINED_INSTRUCTION]}
+    # a folder preprocessed before manifests held them: the registry of its source folder, while it is there
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    del manifest["instructions"]
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert PreprocessedData(tmp_path / "out").instructions() == {"tiny_retrieval": [TRAINED_INSTRUCTION]}
+    shutil.rmtree(tmp_path / "echo")
+    assert PreprocessedData(tmp_path / "out").instructions() == {}
