@@ -22,8 +22,8 @@ from pathlib import Path
 from debater import checkpoint
 from debater.core.config import TrainConfig
 from debater.core.errors import UserError
-from debater.model_card import write_model_cards
 from debater.model import build_training_encoder, load_encoder, save_encoder, write_encoder_meta
+from debater.model_card import write_model_cards
 from debater.model_folder import ENCODER_FILE, RUN_INSTRUCTIONS, resolve_base_model
 
 log = logging.getLogger(__name__)
