@@ -27,7 +27,8 @@ help:
 	@echo "  preprocess     echo-data -> Arrow shards [DATA, OUT, MODEL, CONFIG, MINE=K for K BM25 negatives]"
 	@echo "  train          DeepSpeed ZeRO-2 training on this machine [CONFIG, NPROC]"
 	@echo "  eval           MTEB retrieval metrics [MODEL=\"a b\", TASKS, OUT, EVAL_ARGS]"
-	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1]"
+	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1,"
+	@echo "                 SENTENCE_TRANSFORMERS=1 for OUT/sentence-transformers]"
 	@echo "  demo           set-up, assets, preprocess, train, eval on the embedded default"
 	@echo "  test           the test suite"
 	@echo "  test-fast      the tests that start no launcher (no DeepSpeed, torchrun or pdsh launch)"
@@ -61,7 +62,7 @@ eval: setup
 	$(PY) -m debater eval $(foreach m,$(MODEL),--model $(m)) --tasks $(TASKS) --out $(or $(OUT),runs/eval) $(EVAL_ARGS)
 
 export: setup
-	$(PY) -m debater export --checkpoint $(CKPT) --out $(OUT) $(if $(MERGED),--merged)
+	$(PY) -m debater export --checkpoint $(CKPT) --out $(OUT) $(if $(MERGED),--merged) $(if $(SENTENCE_TRANSFORMERS),--sentence-transformers)
 
 demo: assets
 	$(MAKE) preprocess

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import torch
 
+from data_pipeline.registry import DATASETS_FILE_NAME, RegistryError, instructions_for, load_extra_instructions
 from data_pipeline.stage_plan import BatchPlan, plan_batches
 from data_pipeline.stage_tokenize import MANIFEST_NAME
 from debater.core.padding import left_pad
@@ -36,6 +37,19 @@ class PreprocessedData:
             self.tables.append(ipc.open_file(source).read_all())
         sizes = [t.num_rows for t in self.tables]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def instructions(self) -> dict[str, list[str]]:
+        """File stem -> the query instruction(s) its rows were tokenized with, which a trained model records.
+        A manifest of an older version lacks them: then the registry of the source folder, if it is still
+        there, else none."""
+        if "instructions" in self.manifest:
+            return self.manifest["instructions"]
+        source = Path(self.manifest["source"])
+        try:
+            extra = load_extra_instructions(source / DATASETS_FILE_NAME)
+            return {Path(name).stem: instructions_for(Path(name).stem, extra) for name in self.file_names}
+        except RegistryError:
+            return {}
 
     def plan(self, global_batch: int, seed: int, negatives_per_query: int = 1) -> BatchPlan:
         eligible = []

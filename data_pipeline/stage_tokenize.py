@@ -359,6 +359,7 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
         "tokenizer_fingerprint": fingerprint,
         "settings": settings_dict,
         "mine_bm25": mine_k,
+        "instructions": {p.stem: instructions[p.stem] for p in files},
         "files": [entries[p.name] for p in files],
     }
     total_written = sum(e["written"] for e in manifest["files"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_INSTRUCTION = "Given a query, retrieve relevant documents that answer the query:"
+INSTRUCTION_FILE = "instruction.txt"
 
 
 @dataclass
@@ -69,7 +70,7 @@ def read_beir(folder: Path, split: str = "test", max_queries: int | None = None,
 
 def read_instruction(folder: Path) -> str:
     """The query instruction of a data folder (its instruction.txt), else the generic one."""
-    instruction_file = folder / "instruction.txt"
+    instruction_file = folder / INSTRUCTION_FILE
     return instruction_file.read_text().strip() if instruction_file.exists() else DEFAULT_INSTRUCTION
 
 

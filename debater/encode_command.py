@@ -68,14 +68,14 @@ def load_embeddings(folder: Path) -> tuple[list[str], np.ndarray, dict]:
 
 
 def encode_corpus(model: str, corpus: Path, out: Path, fmt: str = "npy", batch_size: int = 32,
-                  max_length: int | None = None) -> Path:
+                  max_length: int | None = None, base_model: str | None = None) -> Path:
     """Embed every document of ``corpus`` (see beir.read_texts) as ``model``'s pooling says, into ``out``."""
     from debater.beir import read_texts
     from debater.inference_encoder import load_text_encoder
 
     _check_format(fmt)  # before the encoding, which may take hours
     ids, texts = read_texts(corpus)
-    text_encoder = load_text_encoder(model, batch_size, max_length)
+    text_encoder = load_text_encoder(model, batch_size, max_length, base_model=base_model)
     vectors = text_encoder.documents(texts)
     meta = {"model": model, "pooling": text_encoder.pooling, "corpus": str(corpus),
             "doc_max_length": text_encoder.settings.doc_max_length}

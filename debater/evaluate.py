@@ -61,14 +61,14 @@ def build_tasks(specs: list[str], max_queries: int | None, max_corpus: int | Non
 
 
 def evaluate_model(path: str, tasks, instructions: dict, batch_size: int, max_length: int | None,
-                   per_step: bool = False, trust_remote_code: bool = False) -> dict:
+                   per_step: bool = False, trust_remote_code: bool = False, base_model: str | None = None) -> dict:
     """Main metrics of one model; with ``per_step``, also each step's (documents encoded once)."""
     from debater.inference_encoder import load_text_encoder
     from debater.mteb_model import make_mteb_model, score_with_mteb
     from debater.step_analysis import step_scores
 
     text_encoder = load_text_encoder(path, batch_size, max_length, remember=per_step,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, base_model=base_model)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path)
     start = time.perf_counter()
     model = make_mteb_model(text_encoder, name, instructions)
@@ -93,7 +93,7 @@ def run_evaluation(args) -> dict:
     _quiet_offline_mteb()
     tasks, instructions = build_tasks(args.tasks, args.max_queries, args.max_corpus)
     results = {path: evaluate_model(path, tasks, instructions, args.batch_size, args.max_length, args.per_step,
-                                    args.trust_remote_code)
+                                    args.trust_remote_code, args.base_model)
                for path in args.model}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.per_step:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from debater.core.padding import left_pad, pad_token_id
 from debater.core.prompts import TextFormatter
 from debater.model import DebaterEncoder, load_encoder
+from debater.model_folder import ModelPathError, default_instruction
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,33 @@ def inference_devices() -> list[str]:
 
 
 def load_text_encoder(path: str, batch_size: int = 32, max_length: int | None = None,
-                      devices: list[str] | None = None, remember: bool = False, trust_remote_code: bool = False):
-    """Load a model for inference: bf16 when the devices are GPUs, fp32 on the CPU.
+                      devices: list[str] | None = None, remember: bool = False, trust_remote_code: bool = False,
+                      base_model: str | None = None):
+    """Load a model for inference: bf16 when the devices are GPUs, fp32 on the CPU (``base_model``: see
+    ``load_encoder``).
 
     A sentence-transformers folder (a zero-shot reference such as MiniLM) is encoded its own way.
     """
-    from debater.reference_encoder import MeanPoolTextEncoder, is_sentence_transformers_folder
+    from debater.reference_encoder import MeanPoolTextEncoder, is_sentence_transformers_folder, pooling_mode
 
     if is_sentence_transformers_folder(path):
+        if pooling_mode(path) not in (None, "mean"):  # e.g. our sentence-transformers export (last-token pooling)
+            raise ModelPathError(f"{path} is a sentence-transformers folder with {pooling_mode(path)} pooling, which "
+                                 "only SentenceTransformer(path) encodes as intended: pass the export folder that "
+                                 "holds it (its adapter) instead")
         return MeanPoolTextEncoder(path, batch_size, max_length)
     devices = devices or inference_devices()
     dtype = "bfloat16" if devices[0].startswith("cuda") else "float32"
     try:
         encoder, tokenizer, pooling = load_encoder(path, dtype=dtype, max_length=max_length,
-                                                   trust_remote_code=trust_remote_code)
-    except OSError as err:  # transformers' many-line "not a folder, not a hub id" message
+                                                   trust_remote_code=trust_remote_code, base_model=base_model)
+    except OSError as err:  # transformers' many-line "not found on the hub" message (local paths are checked first)
+        if isinstance(err, FileNotFoundError):
+            raise
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise FileNotFoundError(f"cannot load model {path!r} ({reason}): pass a model folder, a training "
-                                "output_dir or an adapter folder") from None
+        raise FileNotFoundError(f"cannot load model {path!r}: no such folder here, and no Hugging Face model of "
+                                f"that name is available ({reason}): pass a model folder, a training output_dir "
+                                "or an adapter folder") from None
     log.info("%s: %s on %s", path, dtype, ", ".join(devices))
     return TextEncoder(encoder, tokenizer, pooling, batch_size, devices, remember)
 
@@ -70,6 +80,7 @@ class TextEncoder:
         self.pad_id = pad_token_id(tokenizer)
         self.pooling = pooling
         self.batch_size = batch_size
+        self.instructions = encoder.instructions
         # remember=True keeps every output by (method, ids), so passes that see the same texts again
         # (the per-step analysis after the main evaluation) encode nothing twice
         self.memory: dict[bytes, np.ndarray] | None = {} if remember else None
@@ -130,8 +141,14 @@ class TextEncoder:
                  len(sequences) / max(seconds, 1e-9))
         return torch.stack(out).numpy()
 
-    def queries(self, texts: list[str], instruction: str) -> np.ndarray:
-        """[N, D] normalised query embeddings."""
+    @property
+    def default_instruction(self) -> str:
+        """The query instruction the model was trained with (see model_folder.default_instruction)."""
+        return default_instruction(self.instructions)
+
+    def queries(self, texts: list[str], instruction: str | None = None) -> np.ndarray:
+        """[N, D] normalised query embeddings (``instruction`` None: the model's default)."""
+        instruction = self.default_instruction if instruction is None else instruction
         ids = self.formatter.queries(texts, [instruction] * len(texts))
         return self._run(ids, "encode_queries", "encoding queries")
 

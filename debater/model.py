@@ -15,9 +15,10 @@ from torch import nn
 
 from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
 from debater.keyed_dropout import TextKeys, install_keyed_dropout
+from debater.model_folder import (ENCODER_FILE, ModelPathError, base_model_record, check_model_path,
+                                  resolve_base_model)
 
 log = logging.getLogger(__name__)
-ENCODER_FILE = "debater.json"
 STEP_ROWS_FILE = "step_rows.safetensors"  # the step-token embedding rows used in training
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,11 +65,13 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class DebaterEncoder(nn.Module):
-    def __init__(self, backbone: nn.Module, settings: EncodingSettings, text_keys: TextKeys | None = None):
+    def __init__(self, backbone: nn.Module, settings: EncodingSettings, text_keys: TextKeys | None = None,
+                 instructions: dict[str, list[str]] | None = None):
         super().__init__()
         self.backbone = backbone
         self.settings = settings
         self.text_keys = text_keys  # set when LoRA dropout is keyed (training); None at inference
+        self.instructions = instructions or {}  # training file stem -> its query instruction(s)
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         with self.text_keys.use(keys) if self.text_keys is not None else contextlib.nullcontext():
@@ -211,8 +214,10 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
 
 
 def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: str, pooling: str,
-                 trust_remote_code: bool = False) -> None:
-    """Write the PEFT adapter, the step-token rows, the tokenizer (with step tokens) and the encoding settings."""
+                 trust_remote_code: bool = False, instructions: dict[str, list[str]] | None = None,
+                 trained: dict | None = None) -> None:
+    """Write the PEFT adapter, the step-token rows, the tokenizer (with step tokens) and the encoding settings
+    (see ``write_encoder_meta`` for ``instructions`` and ``trained``)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,29 +226,39 @@ def save_encoder(encoder: DebaterEncoder, tokenizer, out_dir: Path, base_model: 
     if encoder.settings.step_tokens:
         save_file(step_rows(encoder.backbone, encoder.settings, tokenizer), str(out_dir / STEP_ROWS_FILE))
     tokenizer.save_pretrained(out_dir)
-    write_encoder_meta(out_dir, encoder.settings, base_model, pooling, trust_remote_code)
+    write_encoder_meta(out_dir, encoder.settings, base_model, pooling, trust_remote_code,
+                       instructions=instructions if instructions is not None else encoder.instructions,
+                       trained=trained)
 
 
 def write_encoder_meta(out_dir: Path, settings: EncodingSettings, base_model: str, pooling: str,
-                       trust_remote_code: bool, merged: bool = False) -> None:
+                       trust_remote_code: bool, merged: bool = False, instructions: dict[str, list[str]] | None = None,
+                       trained: dict | None = None) -> None:
     """``debater.json``: what inference needs to encode as training did. ``merged``: the folder holds the
-    whole model (LoRA folded in), not an adapter over ``base_model``."""
-    meta = {"base_model": base_model, "pooling": pooling, "trust_remote_code": trust_remote_code,
-            "merged": merged, "settings": settings.to_dict()}
+    whole model (LoRA folded in), not an adapter over ``base_model`` (recorded so that it is found from
+    anywhere, see model_folder.py). ``instructions``: each training file's query instruction(s), the default
+    of search and of the Python API. ``trained``: where the weights came from (run, checkpoint step)."""
+    meta = {**base_model_record(base_model, out_dir), "pooling": pooling, "trust_remote_code": trust_remote_code,
+            "merged": merged, "settings": settings.to_dict(), "instructions": instructions or {},
+            "trained": trained or {}}
     (out_dir / ENCODER_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
-                 max_length: int | None = None, trust_remote_code: bool = False) -> tuple[DebaterEncoder, object, str]:
+                 max_length: int | None = None, trust_remote_code: bool = False,
+                 base_model: str | None = None) -> tuple[DebaterEncoder, object, str]:
     """Load an exported adapter (or a training output_dir holding ``adapter/``), a merged export, or a
     plain base model (``trust_remote_code`` is for base models only; exports record their own).
+    ``base_model`` replaces the base model an adapter's ``debater.json`` names.
 
     Returns (encoder in eval mode, tokenizer, pooling). A base model gets the
     default DEBATER formatting with fresh step tokens, i.e. the untrained baseline.
     """
     from transformers import AutoTokenizer
 
+    check_model_path(path)
     folder = Path(path)
+    instructions = {}
     if (folder / "adapter" / ENCODER_FILE).exists():
         folder = folder / "adapter"
     if (folder / ENCODER_FILE).exists():
@@ -256,12 +271,19 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
         if meta.get("merged"):
             model = load_backbone(str(folder), dtype, attn_implementation, remote)
         else:
-            backbone = load_backbone(meta["base_model"], dtype, attn_implementation, remote)
+            base = resolve_base_model(folder, meta, base_model)
+            try:
+                backbone = load_backbone(base, dtype, attn_implementation, remote)
+            except OSError as err:  # a hub name that is not available (offline, or no such model)
+                raise ModelPathError(f"the base model {base} of {folder} could not be loaded "
+                                     f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): pass "
+                                     f"--base-model PATH, or set 'base_model' in {folder / ENCODER_FILE}") from None
             if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
                 backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             restore_step_rows(backbone, folder)
             model = PeftModel.from_pretrained(backbone, folder).merge_and_unload()
         pooling = meta["pooling"]
+        instructions = meta.get("instructions", {})
     else:
         settings = EncodingSettings()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -269,5 +291,5 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
         pooling = "last_step"
     if max_length:
         settings.query_max_length = settings.doc_max_length = max_length
-    encoder = DebaterEncoder(model, settings).eval()
+    encoder = DebaterEncoder(model, settings, instructions=instructions).eval()
     return encoder, tokenizer, pooling

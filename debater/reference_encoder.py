@@ -16,6 +16,16 @@ def is_sentence_transformers_folder(path: str) -> bool:
     return (Path(path) / "modules.json").exists() and (Path(path) / "config_sentence_transformers.json").exists()
 
 
+def pooling_mode(folder: str) -> str | None:
+    """The pooling of a sentence-transformers folder (``mean`` for the legacy ``pooling_mode_mean_tokens``)."""
+    for module in json.loads((Path(folder) / "modules.json").read_text()):
+        config = Path(folder) / module["path"] / "config.json"
+        if module["type"].endswith("Pooling") and config.exists():
+            settings = json.loads(config.read_text())
+            return settings.get("pooling_mode") or ("mean" if settings.get("pooling_mode_mean_tokens") else None)
+    return None
+
+
 class MeanPoolTextEncoder:
     """Offers what the mteb glue needs from a TextEncoder (pooling, settings, queries, documents)."""
 
@@ -45,7 +55,7 @@ class MeanPoolTextEncoder:
             out[chunk] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
         return out
 
-    def queries(self, texts: list[str], instruction: str) -> np.ndarray:
+    def queries(self, texts: list[str], instruction: str | None = None) -> np.ndarray:
         return self._encode(texts)  # trained without instructions
 
     def documents(self, texts: list[str]) -> np.ndarray:

@@ -20,13 +20,26 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 
 
+def _faiss():
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs which CPU build it tried
+    import faiss
+
+    return faiss
+
+
+def _flat_index(vectors: np.ndarray):
+    """An exact inner-product index holding every row (every view of every document, in order)."""
+    dim = vectors.shape[-1]
+    index = _faiss().IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(vectors.reshape(-1, dim), dtype=np.float32))
+    return index
+
+
 class Index:
     """The faiss index of one embeddings folder, with the document id of every indexed row."""
 
     def __init__(self, folder: Path):
-        logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs which CPU build it tried
-        import faiss
-
+        faiss = _faiss()
         ids, vectors, self.meta = load_embeddings(folder)
         self.folder, self.ids = folder, ids
         self.views = vectors.shape[1] if vectors.ndim == 3 else 1
@@ -37,10 +50,18 @@ class Index:
             if self.faiss.ntotal == len(ids) * self.views and self.faiss.d == dim:
                 log.info("loaded %s (%d vectors)", path, self.faiss.ntotal)
                 return
-        self.faiss = faiss.IndexFlatIP(dim)
-        self.faiss.add(np.ascontiguousarray(vectors.reshape(-1, dim), dtype=np.float32))
+        self.faiss = _flat_index(vectors)
         faiss.write_index(self.faiss, str(path))
         log.info("built %s (%d vectors of dimension %d)", path, self.faiss.ntotal, dim)
+
+    @classmethod
+    def in_memory(cls, ids: list, vectors: np.ndarray, model: str) -> "Index":
+        """An index over ``vectors`` ([N, D] or [N, V, D]; row i is ``ids[i]``) that is not saved anywhere."""
+        index = cls.__new__(cls)
+        index.folder, index.ids, index.meta = "memory", ids, {"model": model}
+        index.views = vectors.shape[1] if vectors.ndim == 3 else 1
+        index.faiss = _flat_index(vectors)
+        return index
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """Per query, up to ``top_k`` (document id, score) pairs, best first."""
@@ -60,36 +81,38 @@ class Index:
         return results
 
 
-def run_search(model: str, index_folder: Path, query_ids: list[str], queries: list[str], instruction: str,
-               top_k: int = 10, batch_size: int = 32, max_length: int | None = None) -> list[dict]:
-    """Encode ``queries`` with ``model`` and return one {query_id, query, hits: [{id, score}]} per query."""
-    from debater.inference_encoder import load_text_encoder
+def run_search(model: str, index_folder: Path, query_ids: list[str], queries: list[str], instruction: str | None,
+               top_k: int = 10, batch_size: int = 32, max_length: int | None = None,
+               base_model: str | None = None) -> list[dict]:
+    """Encode ``queries`` with ``model`` (``instruction`` None: the model's own) and return one
+    {query_id, query, hits: [{id, score}]} per query."""
+    from debater.retriever import Retriever
 
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
     index = Index(index_folder)
-    if index.meta["model"] != model:
-        log.warning("%s was encoded with %s, the queries with %s: scores mean nothing unless they are the "
-                    "same model", index_folder, index.meta["model"], model)
-    text_encoder = load_text_encoder(model, batch_size, max_length)
-    hits = index.search(text_encoder.queries(queries, instruction), top_k)
+    retriever = Retriever.load(model, batch_size, max_length, base_model=base_model)
+    log.info("query instruction: %r%s", instruction or retriever.default_instruction,
+             "" if instruction else " (the model's)")
+    hits = retriever.search(queries, index, top_k, instruction)
     return [{"query_id": qid, "query": text, "hits": [{"id": d, "score": s} for d, s in found]}
             for qid, text, found in zip(query_ids, queries, hits)]
 
 
 def search_command(args) -> None:
-    """The CLI: queries from --queries (a file) or --query (texts); JSON lines to --out or stdout."""
-    from debater.beir import DEFAULT_INSTRUCTION, read_instruction, read_texts
+    """The CLI: queries from --queries (a file) or --query (texts); JSON lines to --out or stdout. The query
+    instruction: --instruction, else the instruction.txt beside --queries, else the model's own."""
+    from debater.beir import INSTRUCTION_FILE, read_instruction, read_texts
 
+    instruction = args.instruction
     if args.queries is not None:
         query_ids, queries = read_texts(args.queries)
-        instruction = args.instruction or read_instruction(args.queries.parent)
+        if instruction is None and (args.queries.parent / INSTRUCTION_FILE).exists():
+            instruction = read_instruction(args.queries.parent)
     else:
         query_ids, queries = [str(n) for n in range(1, len(args.query) + 1)], args.query
-        instruction = args.instruction or DEFAULT_INSTRUCTION
-    log.info("query instruction: %r", instruction)
     rows = run_search(args.model, args.index, query_ids, queries, instruction, args.top_k, args.batch_size,
-                      args.max_length)
+                      args.max_length, args.base_model)
     lines = "".join(json.dumps(row) + "\n" for row in rows)
     if args.out is None:
         print(lines, end="")

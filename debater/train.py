@@ -24,6 +24,7 @@ from debater import checkpoint, distributed
 from debater.core.config import TrainConfig
 from debater.core.padding import pad_token_id
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
+from debater.model_folder import RUN_INSTRUCTIONS
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
 from debater.stop_request import StoppedEarly, StopRequest
 from debater.training_step import TrainingError, TrainingStep
@@ -121,6 +122,7 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
         raise TrainingError(f"no full global batch of {global_batch} rows in {data.folder}: lower the batch size")
     if rank == 0:
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (output_dir / RUN_INSTRUCTIONS).write_text(json.dumps(data.instructions(), indent=2))
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         (output_dir / "batch_plan.json").write_text(json.dumps(
             {"global_batch": global_batch, "batches": len(plan), "dropped_rows": plan.dropped}, indent=2))
@@ -151,7 +153,8 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     _check_ranks_agree(engine.module, output_dir, engine.device)
     if rank == 0:
         save_encoder(engine.module, tokenizer, output_dir / "adapter", config.model_name_or_path, config.pooling_mode,
-                     config.trust_remote_code)
+                     config.trust_remote_code, data.instructions(),
+                     {"run": str(output_dir.resolve()), "checkpoint_step": total_steps})
         log.info("adapter exported to %s", output_dir / "adapter")
     distributed.barrier()
     distributed.shutdown()

@@ -93,7 +93,7 @@ def test_cli_encodes_and_searches_as_brute_force_ranks(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("problem, expected", [
     ("missing", "does not exist"), ("empty", "holds no texts"), ("no_meta", "holds no meta.json"),
-    ("dimension", "dimension 32 but the index"), ("model", "cannot load model"),
+    ("dimension", "dimension 32 but the index"), ("model", "no-model does not exist"),
 ])
 def test_bad_inputs_fail_with_one_line(tiny_model, tmp_path, caplog, problem, expected):
     corpus, index_dir, model = tmp_path / "corpus.jsonl", tmp_path / "index", str(tiny_model)

@@ -75,7 +75,7 @@ def test_last_step_equals_the_main_evaluation_and_documents_are_encoded_once(tin
                                                                                                    method, desc))
     args = argparse.Namespace(model=[str(tiny_model)], tasks=[str(FIXTURES / "beir")], out=tmp_path, max_queries=None,
                               max_corpus=None, max_length=None, batch_size=8, per_step=True,
-                              trust_remote_code=False)
+                              trust_remote_code=False, base_model=None)
     main_scores = run_evaluation(args)[str(tiny_model)]["scores"]["fixtures-beir"]
     assert sorted(calls) == [("encode_documents", 24), ("encode_queries", 24)]
     per_step = json.loads((tmp_path / "per_step.json").read_text())["results"][str(tiny_model)]["fixtures-beir"]

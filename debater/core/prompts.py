@@ -113,6 +113,12 @@ def resolve_step_tokens(tokenizer, settings: EncodingSettings) -> list[str]:
     return missing
 
 
+def step_suffix_text(settings: EncodingSettings) -> str:
+    """The deliberation suffix as text: `` prompt <step_1>..<step_K>`` (the step tokens alone without a prompt)."""
+    prompt = settings.prompt_text()
+    return f" {prompt} " + "".join(settings.step_tokens) if prompt else "".join(settings.step_tokens)
+
+
 def step_suffix(tokenizer, settings: EncodingSettings) -> list[int]:
     """Ids of the deliberation suffix. The released code appends the string
     `` Use eight words ... aspects: <reserved_12><reserved_13>..`` to the text, so there is a space between
@@ -121,7 +127,7 @@ def step_suffix(tokenizer, settings: EncodingSettings) -> list[int]:
     prompt = settings.prompt_text()
     if not prompt:  # the step tokens follow the text directly
         return steps
-    ids = tokenizer(f" {prompt} " + "".join(settings.step_tokens), add_special_tokens=False).input_ids
+    ids = tokenizer(step_suffix_text(settings), add_special_tokens=False).input_ids
     if ids[-len(steps):] != steps:
         raise ValueError(f"the step tokens {settings.step_tokens} do not stay single ids after the prompt "
                          f"{prompt!r} (got ids {ids[-len(steps):]}, expected {steps})")
