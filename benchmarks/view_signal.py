@@ -1,7 +1,8 @@
 """How far apart queries and document views are, before and after training (a diagnostic).
 
-How far apart queries and document views are, and how much the scores tell candidates apart: for the base
-model in each document format, and for trained runs.
+How far apart queries and document views are, and how much the scores tell candidates apart (the statistics
+training logs as ``diag/*``, from ``debater.diagnostics``): for the base model in each document format, and
+for trained runs.
 
 Contrastive loss can reach ln(N) (uniform scores) without learning anything, by making every document's view
 alike (doc-doc cosine near 1, score spread near 0); a run that learns spreads them out instead. One batch of
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from benchmarks.common import benchmark_parser, write_result
 from debater.core.padding import left_pad, pad_token_id
 from debater.core.prompts import EncodingSettings, TextFormatter
+from debater.diagnostics import batch_diagnostics
 from debater.losses import view_scores
 from debater.model import DebaterEncoder, load_backbone_with_steps, load_encoder
 
@@ -61,13 +63,12 @@ def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction
     scores = view_scores(q, views, scale)                       # [B, 2B, V]
     best = scores.max(-1).values
     labels = torch.arange(len(rows))
-    unit_q, unit_last = F.normalize(q, dim=-1), F.normalize(views[:, -1], dim=-1)
+    # the same statistics the trainer logs as diag/* (one definition: debater.diagnostics)
+    shared = {name.removeprefix("diag/"): round(value, 4)
+              for name, value in batch_diagnostics(q, views, labels, scale).items()}
     return {
-        "doc_doc_cosine": round(float((unit_last @ unit_last.T).mean()), 4),
-        "query_query_cosine": round(float((unit_q @ unit_q.T).mean()), 4),
+        **shared,
         "query_doc_cosine": round(float(scores[..., -1].mean() / scale), 4),
-        "positive_margin": round(float((best[labels, labels] - best.mean(-1)).mean()), 4),
-        "score_spread": round(float(best.std(-1).mean()), 4),
         "loss": round(float(F.cross_entropy(best, labels)), 4),
         "top1": round(float((best.argmax(-1) == labels).float().mean()), 4),
     }
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(map(len, table))
     for name, stats in table.items():
         print(f"{name:<{width}}  " + "  ".join(f"{key}={value}" for key, value in stats.items()))
-    spreads = ", ".join(f"{name} {stats['score_spread']}" for name, stats in table.items())
+    spreads = ", ".join(f"{name} {stats['score_std']}" for name, stats in table.items())
     write_result({"name": "view_signal", "rows": len(rows), "candidates": 2 * len(rows), "formats": table,
                   "summary": f"score spread over candidates (scaled units): {spreads}"}, args.out, args.model)
     return 0

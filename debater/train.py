@@ -23,6 +23,7 @@ from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fi
 from debater import checkpoint, distributed
 from debater.core.config import TrainConfig
 from debater.core.padding import pad_token_id
+from debater.diagnostics import lora_b_norm
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.model_folder import RUN_INSTRUCTIONS
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
@@ -205,7 +206,8 @@ def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckp
             values.update({"train/learning_rate": training_step.scheduler.get_last_lr()[0],
                            "train/grad_norm": grad_norm,
                            "train/grad_cache_chunk_size": config.grad_cache_chunk_size,
-                           "memory/peak_mb": peak_memory_mb(engine.device)})
+                           "memory/peak_mb": peak_memory_mb(engine.device),
+                           "diag/lora_b_norm": lora_b_norm(engine.module), **training_step.diagnostics()})
             monitor.scalars(step, values)
             monitor.histogram(step, "train/best_step_for_positive", torch.cat(window.best_views),
                               engine.module.settings.num_views)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from debater import distributed
+from debater.diagnostics import batch_diagnostics
 from debater.core.errors import UserError
 from debater.losses import LossParts, debater_loss
 
@@ -62,6 +63,7 @@ class TrainingStep:
     def __init__(self, engine, config, scheduler=None):
         self.engine, self.config, self.scheduler = engine, config, scheduler
         self.chunk_size = config.grad_cache_chunk_size
+        self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (local queries, candidates), detached
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(queries [n, D], views [m, K, D]) of the texts in ``inputs``, through the engine."""
@@ -77,8 +79,17 @@ class TrainingStep:
         """Loss of the [b, D] local queries against the [G(1+k), K, D] gathered candidates."""
         local = queries.shape[0]
         labels = torch.arange(local, device=queries.device) + distributed.rank() * local
+        self.last_scored = (queries.detach(), candidates.detach())
         return debater_loss(queries, candidates, labels, self.config.loss_variant, self.config.scale,
                             self.config.cod_loss_weight, self.config.sd_loss_weight)
+
+    def diagnostics(self) -> dict[str, float]:
+        """``batch_diagnostics`` of the last step's whole global batch (every rank's queries, gathered in rank
+        order, so query i's positive is candidate i); every rank must call it, as for any collective."""
+        queries, candidates = self.last_scored
+        everyone = distributed.gather_values(queries)
+        labels = torch.arange(everyone.shape[0], device=everyone.device)
+        return batch_diagnostics(everyone, candidates, labels, self.config.scale)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> LossParts:
         """Gradients of the whole global batch's loss in the trainable parameters; returns this rank's loss."""

@@ -2,7 +2,7 @@
 
 Each rank encodes its slice of a global batch with a small shared "encoder", gathers positives and
 negatives with ``gather_with_grad`` (all positives then all negatives, rank order), computes
-``debater_loss`` on its own queries (label of local query i on rank r = r * B_local + i) and runs
+``TrainingStep.loss`` (``debater_loss``) on its own queries (label of local query i on rank r = r * B_local + i) and runs
 backward. Parameter gradients averaged over ranks (all_reduce SUM / W, as DeepSpeed does) must equal
 the gradient of the single-process loss; the mean of the local losses must equal the global loss.
 A gather whose backward does not sum over ranks (a plain all_gather) must give a different gradient.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from debater import distributed
+from debater.diagnostics import batch_diagnostics
 from debater.losses import VARIANTS, debater_loss
+from debater.training_step import TrainingStep
 
 B_LOCAL, NEGS, FEAT, DIM = 3, 2, 6, 5
 VIEWS = {"vanilla": 1, "sd_only": 3, "cod_only": 3, "full": 3}
@@ -53,14 +56,16 @@ def global_batch(world: int, variant: str):
 
 
 def single_process(world: int, variant: str):
-    """Reference: one process, whole global batch. Returns (loss parts, {param name: grad})."""
+    """Reference: one process, whole global batch. Returns (loss parts, {param name: grad}, diagnostics)."""
     model = TinyEncoder(VIEWS[variant])
     queries, positives, negatives = global_batch(world, variant)
     candidates = torch.cat([model.views(positives), model.views(negatives)])
     labels = torch.arange(queries.shape[0])
-    parts = debater_loss(model.queries(queries), candidates, labels, variant, SCALE, W_C, W_T)
+    encoded = model.queries(queries)
+    parts = debater_loss(encoded, candidates, labels, variant, SCALE, W_C, W_T)
     parts.total.backward()
-    return parts, {name: p.grad.clone() for name, p in model.named_parameters()}
+    diagnostics = batch_diagnostics(encoded, candidates, labels, SCALE)
+    return parts, {name: p.grad.clone() for name, p in model.named_parameters()}, diagnostics
 
 
 class _GatherNoReduce(torch.autograd.Function):
@@ -89,8 +94,10 @@ def rank_step(variant: str, gather) -> dict:
     views = model.views(torch.cat([positives[mine], negatives[mine_neg]]))
     local_pos, local_neg = views[:B_LOCAL], views[B_LOCAL:]
     candidates = torch.cat([gather(local_pos), gather(local_neg)])
-    labels = torch.arange(B_LOCAL) + rank * B_LOCAL
-    parts = debater_loss(model.queries(queries[mine]), candidates, labels, variant, SCALE, W_C, W_T)
+    # the trainer's own loss call (labels from the rank), which also keeps what its diagnostics gather
+    step = TrainingStep(None, SimpleNamespace(loss_variant=variant, scale=SCALE, cod_loss_weight=W_C,
+                                              sd_loss_weight=W_T, grad_cache_chunk_size=0))
+    parts = step.loss(model.queries(queries[mine]), candidates)
     parts.total.backward()
     grads = {}
     for name, p in model.named_parameters():  # what DeepSpeed does: average parameter gradients
@@ -104,6 +111,7 @@ def rank_step(variant: str, gather) -> dict:
         "mean_distillation": distributed.mean_over_ranks(parts.distillation),
         "mean_accuracy": distributed.mean_over_ranks(parts.accuracy),
         "best_view": distributed.gather_values(parts.best_view),
+        "diagnostics": step.diagnostics(),
         "grads": grads,
     }
 
@@ -178,7 +186,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)  # the loss computes in fp32 (view_scores casts
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_distributed_equals_single_process(rank_results, variant):
     world, results = rank_results
-    reference, ref_grads = single_process(world, variant)
+    reference, ref_grads, ref_diagnostics = single_process(world, variant)
     per_rank = [r[variant] for r in results]
 
     local_mean = torch.stack([r["local_total"] for r in per_rank]).mean()
@@ -189,6 +197,7 @@ def test_distributed_equals_single_process(rank_results, variant):
         torch.testing.assert_close(r["mean_distillation"], reference.distillation.detach().float(), **TOL)
         torch.testing.assert_close(r["mean_accuracy"], reference.accuracy.float(), **TOL)
         assert r["best_view"].tolist() == reference.best_view.tolist()
+        assert r["diagnostics"] == pytest.approx(ref_diagnostics, rel=1e-5, abs=1e-6)  # the whole batch's, on every rank
     if variant in ("sd_only", "full"):
         assert float(reference.distillation.detach()) > 0  # the SD term is really part of what is compared
 
@@ -202,7 +211,7 @@ def test_distributed_equals_single_process(rank_results, variant):
 def test_gather_without_reduce_gives_a_wrong_gradient(rank_results, variant):
     """The check above can fail: dropping the sum over ranks in backward changes the gradient."""
     world, results = rank_results
-    reference, ref_grads = single_process(world, variant)
+    reference, ref_grads, _ = single_process(world, variant)
     wrong = results[0][variant + "/no_reduce"]
     # the forward pass is the same, only the backward differs
     torch.testing.assert_close(wrong["mean_total"], reference.total.detach().float(), **TOL)

@@ -51,7 +51,9 @@ def test_tensorboard_has_the_training_signals(trained_run):
     events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/total", "loss/contrastive", "loss/distillation", "train/learning_rate", "train/grad_norm",
-                "train/in_batch_top1", "speed/tokens_per_s", "data/padding_fraction", "memory/peak_mb"):
+                "train/in_batch_top1", "speed/tokens_per_s", "data/padding_fraction", "memory/peak_mb",
+                "diag/doc_view_cosine", "diag/query_view_cosine", "diag/positive_margin", "diag/score_std",
+                "diag/lora_b_norm"):
         assert tag in tags
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3]
     assert "train/best_step_for_positive" in events.Tags()["histograms"]

@@ -31,12 +31,12 @@ def one_at_a_time(encoder, tokenizer, rows: list[dict]) -> dict:
     docs = [run(ids, encoder.encode_documents)
             for ids in formatter.documents([r["positive"] for r in rows] + [r["negative"] for r in rows])]
     best = [[max(SCALE * cosine(q, view) for view in d) for d in docs] for q in queries]
-    margins = [row[i] - sum(row) / len(row) for i, row in enumerate(best)]
+    margins = [row[i] - (sum(row) - row[i]) / (len(row) - 1) for i, row in enumerate(best)]
     last = [d[-1] for d in docs]
-    doc_doc = [cosine(a, b) for a in last for b in last]
-    query_query = [cosine(a, b) for a in queries for b in queries]
+    doc_doc = [cosine(a, b) for i, a in enumerate(last) for j, b in enumerate(last) if i != j]
+    query_query = [cosine(a, b) for i, a in enumerate(queries) for j, b in enumerate(queries) if i != j]
     loss = [math.log(sum(math.exp(s) for s in row)) - row[i] for i, row in enumerate(best)]
-    return {"doc_doc_cosine": sum(doc_doc) / len(doc_doc), "query_query_cosine": sum(query_query) / len(query_query),
+    return {"doc_view_cosine": sum(doc_doc) / len(doc_doc), "query_view_cosine": sum(query_query) / len(query_query),
             "positive_margin": sum(margins) / len(margins), "loss": sum(loss) / len(loss)}
 
 
