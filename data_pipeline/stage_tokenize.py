@@ -363,7 +363,9 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
     }
     total_written = sum(e["written"] for e in manifest["files"])
     if total_written == 0:  # no manifest is written then: the counts go in the message
-        counts = "; ".join(f"{e['file']}: read {e['read']}, skipped {e['skipped'] or 'none'}" for e in manifest["files"])
+        counts = "; ".join(f"{e['file']}: read {e['read']}, skipped "
+                           + (", ".join(f"{n} {reason}" for reason, n in e["skipped"].items()) or "none")
+                           for e in manifest["files"])
         raise PreprocessError(f"no valid rows in {data_dir}: every row was skipped ({counts}); fix the rows named "
                               "by the reasons (python -m data_pipeline preprocess --strict stops at the first one)")
     write_atomic(out_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))

@@ -41,8 +41,12 @@ def cmd_train(args) -> int:
     if not prepare_output_dir(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])):
         return 0
     if not launched:
+        import torch
+
         log.info("not started by a launcher: training in this one process (launch/single_node.sh CONFIG NPROC "
                  "runs several ranks)")
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as the launch scripts set it (else DeepSpeed warns)
     from debater.train import train
 
     train(config, ds_config)

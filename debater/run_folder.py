@@ -101,4 +101,4 @@ def prepare_output_dir(config: TrainConfig, rank: int, world: int) -> bool:
     held = f"checkpoints up to step {step}" if step is not None else ", ".join(found)
     raise RunFolderError(f"output_dir {output_dir} already holds a run ({held}): resume it with --set "
                          "resume_from_checkpoint=latest, train into a new output_dir, or replace it with --set "
-                         "overwrite_output_dir=true")
+                         "overwrite_output_dir=true (through make: TRAIN_ARGS=\"--set KEY=VALUE\")")
