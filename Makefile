@@ -102,7 +102,7 @@ cluster-tools:
 	export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openssh-server pdsh \
 	  || { apt-get update -q && apt-get install -y -q openssh-server pdsh; }
 
-# long-running (hours on 2 CPU cores): the speed ratios, checkpointing memory, then the ablation (see README)
+# long-running (hours on 2 CPU cores): the speed ratios, checkpointing memory, then the ablation (see docs/benchmarks.md)
 bench: assets
 	$(PY) -m benchmarks preprocess --memory --out $(BENCH)/preprocess
 	$(PY) -m benchmarks train_step --out $(BENCH)/train_step

@@ -39,7 +39,7 @@ ARMS = {
     "sd_only": {"loss_variant": "sd_only"},
     "cod_only": {"loss_variant": "cod_only"},
     "full": {"loss_variant": "full"},
-    # the setting that leaves the plateau soonest here (README): added rows started as EOS copies, trained, no prompt
+    # leaves the plateau soonest here (docs/benchmarks.md): added rows started as EOS copies, trained, no prompt
     "full_eos_no_prompt": {"loss_variant": "full", "step_tokens": [f"<step_{i}>" for i in range(1, 9)],
                            "step_token_init": "eos", "deliberation_prompt": "", "train_step_rows": True},
 }

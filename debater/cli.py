@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("config", nargs="?", help="training JSON (the original project's keys; see --help-config)")
     tr.add_argument("--help-config", action="store_true", help="list every config key with its type, default and "
                                                                "meaning, then exit")
-    tr.add_argument("--markdown", action="store_true", help="with --help-config: as the README's Markdown table")
+    tr.add_argument("--markdown", action="store_true", help="with --help-config: as docs/configuration.md's table")
     tr.add_argument("--deepspeed", help="DeepSpeed JSON (ZeRO-2); overrides the config's 'deepspeed' key")
     tr.add_argument("--set", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (VALUE read as JSON when it parses)")

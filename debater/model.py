@@ -113,7 +113,7 @@ def vocabulary_draws(rows: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
 def grow_embeddings(model, tokenizer, added: list[str], init: str = "sampled") -> None:
     """Add embedding rows for the added step tokens. ``sampled``: distinct draws at the vocabulary's mean and
     covariance (new tokens the model has no use for yet); ``eos``: copies of the EOS row, the token whose
-    final hidden state vanilla training turns into an embedding (see README, "The ablation")."""
+    final hidden state vanilla training turns into an embedding (see docs/benchmarks.md, "The ablation")."""
     if init not in STEP_TOKEN_INITS:
         raise ValueError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {init!r}")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # padded vocabularies may have room already

@@ -117,7 +117,7 @@ def find_manifest(house: Path) -> dict:
     manifests = sorted(house.glob(f"parcel-*/{MANIFEST}"))
     if not manifests:
         raise WheelhouseError(f"no parcel under {house}/: copy each {house}/parcel-N folder to this machine "
-                              "(README, 'make gpu-check')")
+                              "(docs/gpu-check.md)")
     return json.loads(manifests[0].read_text())
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`. With a CUDA GPU: install what the wheelhouse parcels carried (README, "GPU check") into a
+# `make gpu-check`. With a CUDA GPU: install what the wheelhouse parcels carried (docs/gpu-check.md) into a
 # folder of this machine's python3, convert the model once, and run the check there. Without one: the smoke
 # run, in .venv. Arguments go to `python -m benchmarks gpu_check` (--out, --steps, --budget-s, --smoke).
 set -euo pipefail

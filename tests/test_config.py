@@ -233,14 +233,14 @@ def test_gradient_cache_chunk_is_a_count_of_texts():
         config_from_dict({**SEED_CONFIG, "grad_cache_chunk_size": -1})
 
 
-def test_every_key_has_help_and_the_readme_table_is_generated_from_it():
+def test_every_key_has_help_and_the_documented_table_is_generated_from_it():
     reference = config_reference()
     assert {name for name, *_ in reference} == {f.name for f in dataclasses.fields(TrainConfig)} - {"ignored_keys"}
     assert all(text for *_, text in reference)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start, end = readme.index(KEY_TABLE_START) + len(KEY_TABLE_START), readme.index(KEY_TABLE_END)
-    assert readme[start:end].strip() == config_reference_markdown().strip(), \
-        "README key table is stale: paste `python -m debater train --help-config --markdown` between its markers"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    start, end = page.index(KEY_TABLE_START) + len(KEY_TABLE_START), page.index(KEY_TABLE_END)
+    assert page[start:end].strip() == config_reference_markdown().strip(), \
+        "docs/configuration.md's key table is stale: paste `python -m debater train --help-config --markdown` there"
 
 
 def test_help_config_lists_every_key_with_its_default(capsys):

@@ -45,7 +45,7 @@ class ConfigError(UserError, ValueError):
 
 
 def key(default=dataclasses.MISSING, help: str = "", factory=None):
-    """A config field with the help text that ``--help-config`` and the README's key table show."""
+    """A config field with the help text that ``--help-config`` and the key table of docs/configuration.md show."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -222,7 +222,7 @@ def config_reference() -> list[tuple[str, str, str, str]]:
 
 
 def config_reference_markdown() -> str:
-    """The README's key table (tests/test_config.py keeps the README equal to it)."""
+    """The key table of docs/configuration.md (tests/test_config.py keeps that page equal to it)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{name}` | {kind} | {default if default == 'required' else f'`{default}`'} | {text} |"
               for name, kind, default, text in config_reference()]
