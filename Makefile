@@ -13,10 +13,30 @@ CONFIG ?= launch/configs/demo-smollm2.json
 NPROC ?= 2
 TASKS ?= $(DEBIAN_DIR)/test
 EVAL_ARGS ?=
+TRAIN_ARGS ?=
+LOGDIR ?= runs
+PORT ?= 6006
+HOST ?= 127.0.0.1
 GPU_CHECK_ARGS ?=
 DEMO_RUN := runs/demo
 DEMO_EVAL := --max-queries 200 --max-corpus 600 --max-length 64
 BENCH := runs/bench
+
+# Refusals before anything runs (one line each): what would otherwise overwrite the demo's data or start an hour-long
+# evaluation nobody asked for. A variable given on the command line or in the environment is not from this file.
+given = $(filter-out file default undefined,$(origin $(1)))
+ifneq ($(filter preprocess,$(MAKECMDGOALS)),)
+ifneq ($(call given,DATA),)
+ifeq ($(and $(call given,OUT),$(call given,CONFIG)),)
+$(error make preprocess DATA=$(DATA): give OUT=folder for its shards (without it they replace the demo's $(PREPROCESSED)) and CONFIG=your training config (lengths, steps and prompt are formatted from it; the default is the demo's))
+endif
+endif
+endif
+ifneq ($(filter eval,$(MAKECMDGOALS)),)
+ifeq ($(call given,MODEL),)
+$(error make eval: name the models to evaluate, e.g. make eval MODEL="$(MODEL_DIR) runs/demo" (add EVAL_ARGS="$(DEMO_EVAL)" for the demo's quick subset; without it the whole test set is encoded))
+endif
+endif
 
 .PHONY: help setup assets preprocess train eval export demo test test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
 
@@ -25,7 +45,7 @@ help:
 	@echo "  setup          .venv with the pinned packages [VENV]"
 	@echo "  assets         embedded model and Debian data into assets/"
 	@echo "  preprocess     echo-data -> Arrow shards [DATA, OUT, MODEL, CONFIG, MINE=K for K BM25 negatives]"
-	@echo "  train          DeepSpeed ZeRO-2 training on this machine [CONFIG, NPROC]"
+	@echo "  train          DeepSpeed ZeRO-2 training on this machine [CONFIG, NPROC, TRAIN_ARGS=\"--set KEY=VALUE\"]"
 	@echo "  eval           MTEB retrieval metrics [MODEL=\"a b\", TASKS, OUT, EVAL_ARGS]"
 	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1,"
 	@echo "                 SENTENCE_TRANSFORMERS=1 for OUT/sentence-transformers]"
@@ -36,7 +56,7 @@ help:
 	@echo "  bench          the long benchmarks (python -m benchmarks lists them), into runs/bench/report.md"
 	@echo "  wheelhouse     wheels, Debian data and model for an offline GPU machine, in wheelhouse/parcel-N"
 	@echo "  gpu-check      the GPU check into runs/gpu-check/ (a smoke run without a GPU) [GPU_CHECK_ARGS]"
-	@echo "  tensorboard    TensorBoard over runs/"
+	@echo "  tensorboard    TensorBoard on http://HOST:PORT [LOGDIR=runs, HOST=127.0.0.1, PORT=6006]"
 	@echo "  clean          remove runs/"
 
 setup: $(STAMP)
@@ -56,7 +76,7 @@ preprocess: setup
 	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG) $(if $(MINE),--mine-bm25 $(MINE))
 
 train: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH launch/single_node.sh $(CONFIG) $(NPROC)
+	PATH=$(abspath $(VENV))/bin:$$PATH launch/single_node.sh $(CONFIG) $(NPROC) $(TRAIN_ARGS)
 
 eval: setup
 	$(PY) -m debater eval $(foreach m,$(MODEL),--model $(m)) --tasks $(TASKS) --out $(or $(OUT),runs/eval) $(EVAL_ARGS)
@@ -66,7 +86,10 @@ export: setup
 
 demo: assets
 	$(MAKE) preprocess
-	$(MAKE) train CONFIG=launch/configs/demo-smollm2.json NPROC=2
+	@# a second demo resumes (or finds finished) the first one's run; one stopped before its first checkpoint restarts
+	if [ -f $(DEMO_RUN)/checkpoints/latest ]; then again=resume_from_checkpoint=latest; \
+	  else again=overwrite_output_dir=true; fi; \
+	  $(MAKE) train CONFIG=launch/configs/demo-smollm2.json NPROC=2 TRAIN_ARGS="--set $$again"
 	$(MAKE) eval MODEL="$(MODEL_DIR) $(DEMO_RUN)" TASKS=$(DEBIAN_DIR)/test OUT=$(DEMO_RUN)/eval EVAL_ARGS="$(DEMO_EVAL)"
 
 test: setup
@@ -102,7 +125,7 @@ gpu-check:
 	launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 tensorboard: setup
-	$(VENV)/bin/tensorboard --logdir runs --bind_all
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf runs

@@ -81,11 +81,13 @@ def arm_config(arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict
 
 def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
     """Launch one run through launch/single_node.sh (its log goes next to its run folder), resuming it when an
-    earlier invocation left checkpoints."""
+    earlier invocation left checkpoints and starting it again when that one stopped before its first."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoints" / "latest").exists():
         config = {**config, "resume_from_checkpoint": "latest"}
+    else:
+        config = {**config, "overwrite_output_dir": True}
     config_path = out.parent / f"{out.name}.json"
     config_path.write_text(json.dumps(config, indent=2))
     env = dict(os.environ, MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -51,10 +51,18 @@ class PreprocessedData:
         except RegistryError:
             return {}
 
+    def negative_counts(self, index: int) -> np.ndarray:
+        """Hard negatives per row of file ``index``."""
+        return pc.list_value_length(self.tables[index].column("negatives")).to_numpy(zero_copy_only=False)
+
+    def most_negatives(self) -> int:
+        """The largest number of hard negatives any row has."""
+        return max((int(self.negative_counts(i).max(initial=0)) for i in range(len(self.tables))), default=0)
+
     def plan(self, global_batch: int, seed: int, negatives_per_query: int = 1) -> BatchPlan:
         eligible = []
-        for index, table in enumerate(self.tables):
-            counts = pc.list_value_length(table.column("negatives")).to_numpy(zero_copy_only=False)
+        for index in range(len(self.tables)):
+            counts = self.negative_counts(index)
             eligible.append(self.offsets[index] + np.flatnonzero(counts >= negatives_per_query))
         return plan_batches(self.file_names, eligible, global_batch, seed, [t.num_rows for t in self.tables])
 

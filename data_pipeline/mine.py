@@ -41,6 +41,7 @@ def mine_bm25(path: Path, k: int, out: Path, threads: int = 1) -> MineCounts:
     import bm25s
     from bm25s.tokenization import Tokenizer
 
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)  # its import sets DEBUG: follow the command's level instead
     rows = list(read_rows(path, ReadCounts()))
     counts = MineCounts("bm25", k, queries=len(rows))
     corpus = list(dict.fromkeys(row.positive for row in rows))

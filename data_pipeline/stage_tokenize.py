@@ -363,8 +363,12 @@ def preprocess(data_dir: Path, out_dir: Path, model: str, settings: EncodingSett
         "files": [entries[p.name] for p in files],
     }
     total_written = sum(e["written"] for e in manifest["files"])
-    if total_written == 0:
-        raise PreprocessError(f"no valid rows in {data_dir}: every row was skipped (see the manifest counts)")
+    if total_written == 0:  # no manifest is written then: the counts go in the message
+        counts = "; ".join(f"{e['file']}: read {e['read']}, skipped "
+                           + (", ".join(f"{n} {reason}" for reason, n in e["skipped"].items()) or "none")
+                           for e in manifest["files"])
+        raise PreprocessError(f"no valid rows in {data_dir}: every row was skipped ({counts}); fix the rows named "
+                              "by the reasons (python -m data_pipeline preprocess --strict stops at the first one)")
     write_atomic(out_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     _remove_stale_shards(out_dir / "shards", {e["shard"] for e in manifest["files"]})
     return manifest

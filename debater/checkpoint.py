@@ -29,10 +29,9 @@ import torch
 
 from debater import distributed
 from debater.core.errors import UserError
+from debater.run_folder import LATEST, TAG_PREFIX
 
 log = logging.getLogger(__name__)
-TAG_PREFIX = "step-"
-LATEST = "latest"
 MODEL_STATES = "mp_rank_*_model_states.pt"
 PORTABLE_STATE = "trainable_state.pt"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -40,6 +39,8 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed as asked; the message says why and what to do."""
+
+    same_on_every_rank = True
 
 
 def _rng_state() -> dict:
@@ -165,7 +166,7 @@ def load(engine, ckpt_dir: Path, which: str, global_batch: int) -> tuple[int, in
         _set_rng_state(torch.load(rng_file, weights_only=False))
     else:  # LoRA dropout is keyed by text, so only other random ops (none in the models supported) would differ
         log.info("%s has no RNG state for rank %d (saved on fewer ranks); keeping this rank's seed", tag,
-                 distributed.rank())
+                 distributed.rank(), extra={"own": True})
     return client["step"], client["next_batch"]
 
 

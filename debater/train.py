@@ -21,17 +21,18 @@ from tqdm import tqdm
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fingerprint
 from debater import checkpoint, distributed
-from debater.core.config import TrainConfig
+from debater.core.config import TrainConfig, settings_differences
 from debater.core.padding import pad_token_id
+from debater.core.prompts import resolve_step_tokens
 from debater.diagnostics import lora_b_norm
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.model_folder import RUN_INSTRUCTIONS
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
+from debater.run_folder import BATCH_PLAN, WEIGHTS_BY_RANK
 from debater.stop_request import StoppedEarly, StopRequest
 from debater.training_step import TrainingError, TrainingStep
 
 log = logging.getLogger(__name__)
-WEIGHTS_BY_RANK = "weights_by_rank.json"
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -81,11 +82,24 @@ def open_training_data(config: TrainConfig, settings, tokenizer) -> Preprocessed
     data = PreprocessedData(folder)
     if data.manifest["settings"] != settings.to_dict():
         raise TrainingError(f"{folder} was preprocessed with other settings than this config "
-                            f"({data.manifest['settings']} vs {settings.to_dict()}): re-run `make preprocess` "
-                            "with this CONFIG, or point dataset_file_path at the raw echo-data folder")
+                            f"({settings_differences(data.manifest['settings'], settings.to_dict())}): preprocess "
+                            "it again with this config (`make preprocess DATA=... OUT=... CONFIG=...`), or point "
+                            "dataset_file_path at the raw echo-data folder")
     if data.manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise TrainingError(f"{folder} was tokenized with another tokenizer than {config.model_name_or_path}")
     return data
+
+
+def empty_plan_reason(data: PreprocessedData, global_batch: int, negatives_per_query: int) -> str:
+    """Why no global batch could be planned: too few rows in every file, or too few with k negatives."""
+    most = data.most_negatives()
+    if most < negatives_per_query:
+        return (f"negatives_per_query={negatives_per_query} but no row of {data.folder} has more than {most} hard "
+                f"negative(s): set negatives_per_query to {max(most, 1)} or less, or add negatives (make preprocess "
+                "MINE=K adds K BM25 negatives per query)")
+    return (f"no file of {data.folder} has {global_batch} rows with {negatives_per_query} or more negatives (a global "
+            f"batch is per_device_train_batch_size x ranks and comes from one file): lower "
+            f"per_device_train_batch_size or negatives_per_query, or use fewer ranks")
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +119,7 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     import deepspeed
     from transformers import AutoTokenizer
 
-    deepspeed.init_distributed()
+    distributed.init_deepspeed()
     distributed.release_cpu_allreduce_buffer()
     avoid_cudnn_attention_backward()
     rank, world = distributed.rank(), distributed.world_size()
@@ -114,18 +128,20 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     ds_config = build_ds_config(ds_config_path, config, world)
     seed_everything(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    encoder = build_training_encoder(config, tokenizer)
-    data = open_training_data(config, encoder.settings, tokenizer)
+    settings = config.encoding_settings()
+    resolve_step_tokens(tokenizer, settings)  # the data is checked before the model loads: its errors come fast
+    data = open_training_data(config, settings, tokenizer)
     global_batch = config.per_device_train_batch_size * world
     plan = data.plan(global_batch, config.seed, config.negatives_per_query)
     total_steps = min(len(plan), config.stop_after_n_steps or len(plan))
     if len(plan) == 0:
-        raise TrainingError(f"no full global batch of {global_batch} rows in {data.folder}: lower the batch size")
+        raise TrainingError(empty_plan_reason(data, global_batch, config.negatives_per_query))
+    encoder = build_training_encoder(config, tokenizer)
     if rank == 0:
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (output_dir / RUN_INSTRUCTIONS).write_text(json.dumps(data.instructions(), indent=2))
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        (output_dir / "batch_plan.json").write_text(json.dumps(
+        (output_dir / BATCH_PLAN).write_text(json.dumps(
             {"global_batch": global_batch, "batches": len(plan), "dropped_rows": plan.dropped}, indent=2))
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     log.info("rank %d/%d: %d trainable parameters, %d planned batches, training %d steps",

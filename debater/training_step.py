@@ -29,7 +29,9 @@ from debater.losses import LossParts, debater_loss
 
 
 class TrainingError(UserError):
-    """A run that must stop; the message says at which step and why."""
+    """A run that must stop; the message says at which step and why (from values every rank shares)."""
+
+    same_on_every_rank = True
 
 
 @dataclass

@@ -43,3 +43,18 @@ def test_project_errors_are_one_line_and_exit_2(kind, caplog):
 def test_a_runtime_error_propagates_with_its_traceback():
     with pytest.raises(RuntimeError, match="a bug in a library"):
         run_command(command(RuntimeError("a bug in a library")), [], log)
+
+
+def test_an_error_every_rank_meets_is_reported_by_rank_0_alone(caplog, monkeypatch):
+    """A launched run's ranks all read the same config: one line for the run, not one per rank. An error of one
+    rank's own (a plain UserError, a missing file on that node) is still reported by that rank."""
+    for rank, expected in (("0", ["a bad key"]), ("1", [])):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger=log.name):
+            assert run_command(command(ConfigError("a bad key")), [], log) == 2
+        assert [r.getMessage() for r in caplog.records] == expected
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        assert run_command(command(FileNotFoundError("this node lacks /data")), [], log) == 2
+    assert [r.getMessage() for r in caplog.records] == ["this node lacks /data"]

@@ -71,8 +71,9 @@ def test_seed_readme_config_loads(tmp_path):
     assert config.loss_variant == "full" and config.pooling_mode == "last_step"
     # HF-Trainer-only keys, and dataset_name (E5 is the only format), are accepted and recorded as ignored
     assert set(config.ignored_keys) == {"remove_unused_columns", "num_train_epochs", "per_device_eval_batch_size",
-                                        "do_train", "disable_tqdm", "overwrite_output_dir", "save_only_model",
-                                        "dataset_name"}
+                                        "do_train", "disable_tqdm", "save_only_model", "dataset_name"}
+    # overwrite_output_dir means what the HF Trainer meant: an earlier run in output_dir is replaced
+    assert config.overwrite_output_dir is True
     assert set(config.ignored_keys) <= IGNORED_SEED_KEYS
     json.dumps(config.to_dict())  # round-trips to JSON
 

@@ -31,6 +31,7 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
     }
     done = launch_training(config, work / "config.json", port=29617)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (work / "launch.log").write_text(done.stdout + done.stderr)
     return work / "run"
 
 
@@ -87,3 +88,62 @@ def test_exported_adapter_loads_trained_weights(trained_run, tiny_model):
     name = "layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(base[name], merged[name]), "LoRA update missing from the exported adapter"
     assert merged["embed_tokens.weight"].shape[0] == base["embed_tokens.weight"].shape[0] + 4
+
+
+def test_a_launched_run_says_each_thing_once(trained_run):
+    """Two ranks, one copy of each message: the config's note (its do_train key) and the run's set-up come from rank
+    0 alone; DeepSpeed's line about its communication op, printed by every rank on every run, is not shown."""
+    log = (trained_run.parent / "launch.log").read_text()
+    assert log.count("keys with no effect in this trainer") == 1, log[-3000:]
+    assert log.count("trainable parameters") == 1 and log.count("adapter exported") == 1
+    assert "built successfully" not in log and "PyTorch extensions root" not in log and "[rank 1]" not in log
+
+
+def _train_again(trained_run: Path, work: Path, **changes) -> subprocess.CompletedProcess:
+    """``python -m debater train`` (no launcher: one process) with the trained run's own config, changed."""
+    config = json.loads((trained_run / "train_config.json").read_text())
+    config.pop("ignored_keys")
+    (work / "again.json").write_text(json.dumps({**config, **changes}))
+    return subprocess.run([sys.executable, "-m", "debater", "train", str(work / "again.json"), "--deepspeed",
+                           str(ROOT / "ds_configs" / "zero2_cpu.json")], cwd=ROOT, env=training_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-3000:]
+    return errors[0]
+
+
+def test_training_again_into_the_run_refuses_with_the_choices(trained_run, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()}
+    line = _error_line(_train_again(trained_run, tmp_path, stop_after_n_steps=1))
+    assert "already holds a run (checkpoints up to step 3)" in line
+    assert all(choice in line for choice in ("resume_from_checkpoint=latest", "new output_dir",
+                                             "overwrite_output_dir=true"))
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*") if p.is_file()} == before
+
+
+def test_resuming_the_finished_run_says_it_is_finished(trained_run, tmp_path):
+    # one process at the run's global batch (2 ranks x 4)
+    done = _train_again(trained_run, tmp_path, resume_from_checkpoint="latest", per_device_train_batch_size=8)
+    assert done.returncode == 0 and "holds a finished run (step 3 of 3" in done.stderr, done.stderr[-3000:]
+    assert "trainable parameters" not in done.stderr  # said before anything was loaded
+
+
+def test_overwrite_removes_the_earlier_run_before_anything_else(trained_run, tmp_path):
+    """The run then stops at its plan: asking for 3 negatives per query of data with one each names the key."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    done = _train_again(trained_run, tmp_path, output_dir=str(copy), overwrite_output_dir=True,
+                        negatives_per_query=3)
+    line = _error_line(done)
+    assert "negatives_per_query=3 but no row" in line and "more than 1 hard negative" in line
+    assert not any((copy / name).exists() for name in ("checkpoints", "tensorboard", "adapter", "batch_plan.json"))
+    assert (copy / "preprocessed" / "manifest.json").exists()  # the cache, keyed by its inputs, stays
+
+
+def test_a_preprocessed_folder_with_other_settings_names_the_keys(trained_run, tmp_path):
+    line = _error_line(_train_again(trained_run, tmp_path, output_dir=str(tmp_path / "run"), max_seq_length=48,
+                                    dataset_file_path=str(trained_run / "preprocessed")))
+    assert "max_seq_length 32 there, 48 here" in line and "doc_max_length" not in line and "{" not in line

@@ -290,15 +290,17 @@ def test_a_cached_run_loads_no_tokenizer_until_the_model_or_settings_change(two_
 
 
 def test_a_cached_cli_run_imports_no_torch_or_transformers(echo_dir, tiny_model, tmp_path):
-    """What makes ``make preprocess`` with nothing to do return at once: the heavy libraries stay unloaded."""
+    """What makes ``make preprocess`` with nothing to do return at once: the heavy libraries stay unloaded. The
+    first run mines BM25 negatives without bm25s's DEBUG lines (its import turns them on)."""
     check = ("import sys; from data_pipeline.cli import main; code = main(sys.argv[1:]); "
              "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)); sys.exit(code)")
     command = [sys.executable, "-c", check, "preprocess", "--data", str(echo_dir), "--out", str(tmp_path / "out"),
-               "--model", str(tiny_model), "--max-seq-length", str(DOC_MAX), "--workers", "1"]
+               "--model", str(tiny_model), "--max-seq-length", str(DOC_MAX), "--workers", "1", "--mine-bm25", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=True)
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=True)
     assert first.stdout.splitlines()[-1] != "[]"  # the first run tokenized
+    assert "mining 1 BM25 negatives" in first.stderr and "DEBUG" not in first.stderr, first.stderr
     assert "cached" in second.stderr and second.stdout.splitlines()[-1] == "[]"
 
 
@@ -564,6 +566,20 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, make_folder):
     assert "ERROR" in lines[0] and str(data) in lines[0]
     assert ("no .jsonl files" if make_folder else "not found") in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_all_rows_skipped_names_the_counts_in_one_line(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "nq.jsonl").write_text("{bad\n" + row("", "p", "n") + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "preprocess", "--data", str(data), "--out", str(tmp_path / "out"),
+         "--model", str(tiny_model), "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert "nq.jsonl: read 2, skipped 1 malformed_json, 1 " in errors[0]
+    assert "manifest" not in errors[0] and not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
 # --------------------------------------------------------------------------- stage 1 -> loader

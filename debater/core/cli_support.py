@@ -3,6 +3,7 @@ errors into one line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -15,11 +16,29 @@ from debater.core.errors import USER_ERRORS
 EMBEDDED_MODEL = "assets/models/smollm2-135m"
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it (0 when started alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class OwnMessagesOnly(logging.Filter):
+    """On ranks other than 0: what every rank would say the same way is said once, by rank 0; a rank still
+    reports errors and what it has of its own to say (a record logged with ``extra={"own": True}``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or getattr(record, "own", False)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    rank = os.environ.get("RANK", "0")
+    rank = launched_rank()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "httpx", "urllib3", "filelock", "torch.distributed", "DeepSpeed"):
+    if rank != 0 and not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(OwnMessagesOnly())
+    # libraries whose INFO lines say nothing to a user (torch's extension loader: where DeepSpeed's ops are cached)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock", "torch.distributed", "DeepSpeed",
+                  "torch.utils.cpp_extension"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -58,11 +77,19 @@ def config_override(text: str) -> tuple[str, object]:
 
 
 def run_command(parser, argv: list[str] | None, logger: logging.Logger) -> int:
-    """Parse, set up logging, run ``args.func``; a user error is one log line and exit code 2."""
+    """Parse, set up logging, run ``args.func``; a user error is one log line and exit code 2 (one line per
+    run when every rank meets it the same way)."""
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
         return args.func(args)
+    except ModuleNotFoundError as err:
+        if importlib.util.find_spec("torch") is not None:
+            raise  # the environment is the project's: a missing optional package keeps its traceback
+        logger.error("%s has none of the project's packages (%s): run `make setup`, then `source .venv/bin/activate` "
+                     "(or call .venv/bin/python), or use the make targets", sys.executable, err)
+        return 2
     except USER_ERRORS as err:
-        logger.error("%s", err)
+        if not getattr(err, "same_on_every_rank", False) or launched_rank() == 0:
+            logger.error("%s", err)
         return 2

@@ -37,12 +37,14 @@ LOSS_VARIANTS = {"vanilla": LossVariant("last_token", False), "sd_only": LossVar
                  "cod_only": LossVariant("step_tokens", False), "full": LossVariant("step_tokens", True)}
 POOLING_MODES = ("last_step", "multi_view", "last_token")
 # Seed keys that belong to the HF Trainer and have no effect here.
-IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "overwrite_output_dir", "save_only_model",
+IGNORED_SEED_KEYS = {"remove_unused_columns", "do_train", "save_only_model",
                      "per_device_eval_batch_size", "disable_tqdm", "num_train_epochs", "dataset_name"}
 
 
 class ConfigError(UserError, ValueError):
     """A training configuration that cannot be run as written."""
+
+    same_on_every_rank = True
 
 
 # a stop signal must reach a Python handler: not SIGKILL/SIGSTOP (uncatchable), nor signals that report faults
@@ -136,6 +138,9 @@ class TrainConfig:
     sd_loss_weight: float = key(0.5, "weight of the self-distillation (SD) loss")
     resume_from_checkpoint: str | None = key(None, "latest, or a checkpoint folder; on another number of ranks "
                                                    "at the same global batch too")
+    overwrite_output_dir: bool = key(False, "when output_dir holds an earlier run and resume_from_checkpoint is "
+                                            "not set: remove that run's checkpoints, events and adapter first "
+                                            "(else the run refuses to start)")
     deepspeed: str | None = key(None, "DeepSpeed JSON (the --deepspeed argument wins)")
     stop_signal: str = key("SIGUSR1", "signal that, like SIGTERM, stops every rank after the current step with a "
                                       "checkpoint (exit code 75: resumable); sent to any one rank")
@@ -196,6 +201,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# the config key each encoding setting comes from, so that errors about settings speak the config's words
+SETTING_KEYS = {"doc_mode": "loss_variant", "cod_steps": "cod_steps", "deliberation_prompt": "deliberation_prompt",
+                "step_tokens": "step_tokens", "query_max_length": "query_max_length",
+                "doc_max_length": "max_seq_length", "doc_body_max_length": "doc_body_max_length"}
+
+
+def settings_differences(there: dict, here: dict) -> str:
+    """The encoding settings that differ, named by config key: ``max_seq_length 64 there, 128 here``."""
+    names = list(SETTING_KEYS) + sorted((set(there) | set(here)) - set(SETTING_KEYS))
+    return "; ".join(f"{SETTING_KEYS.get(name, name)} {there.get(name)!r} there, {here.get(name)!r} here"
+                     for name in names if there.get(name) != here.get(name))
 
 
 def _valid_keys() -> list[str]:
@@ -259,10 +277,18 @@ def config_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+def config_from_dict(raw: dict, source: str = "config", overrides: dict | None = None,
+                     overrides_source: str = "--set") -> TrainConfig:
+    """``raw`` (read from ``source``) with ``overrides`` on top; an error about a key names where it was given."""
+    overrides = overrides or {}
+    merged = {**raw, **overrides}
+
+    def given_in(key: str) -> str:
+        return overrides_source if key in overrides else source
+
     valid = _valid_keys()
     kwargs, ignored = {}, []
-    for key, value in raw.items():
+    for key, value in merged.items():
         if key in IGNORED_SEED_KEYS:
             ignored.append(key)
         elif key in valid:
@@ -270,13 +296,13 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
         else:
             close = difflib.get_close_matches(key, valid + sorted(IGNORED_SEED_KEYS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{given_in(key)}: unknown key '{key}'{hint}")
     missing = [k for k in ("model_name_or_path", "dataset_file_path", "output_dir") if k not in kwargs]
     if missing:
         raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
     hints = typing.get_type_hints(TrainConfig)
     for key, value in kwargs.items():
-        kwargs[key] = _checked(key, value, hints[key], source)
+        kwargs[key] = _checked(key, value, hints[key], given_in(key))
     if ignored:
         log.info("%s: keys with no effect in this trainer (accepted for compatibility): %s", source, ", ".join(ignored))
     try:
@@ -285,7 +311,7 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+def load_config(path: str | Path, overrides: dict | None = None, overrides_source: str = "--set") -> TrainConfig:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -297,5 +323,4 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    raw.update(overrides or {})
-    return config_from_dict(raw, source=str(path))
+    return config_from_dict(raw, str(path), overrides, overrides_source)
