@@ -32,6 +32,7 @@ from benchmarks.ablation import TEST_SET, TRAIN_DATA
 from benchmarks.common import benchmark_parser
 from benchmarks.gpu_budget import (GPU_CHECKPOINT_EVERY, GPU_PARTS, GPU_TRAINING, SMOKE_CHECKPOINT_EVERY,
                                    SMOKE_PARTS, SMOKE_TRAINING, training_deadline)
+from benchmarks.launched import free_port
 from benchmarks.preflight import preflight
 from benchmarks.step_throughput import SHAPE
 from benchmarks.tiny_model import build_tiny_model, echo_texts
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     report.part("attention", run_part_process, "attention_check", ["--model", model], args.out / "attention",
                 parts["attention"].limit)
     report.part("timing", run_part_process, "step_throughput",
-                [*settings["timing_args"], "--model", model], args.out / "timing",
+                [*settings["timing_args"], "--model", model, "--port", str(free_port())], args.out / "timing",
                 parts["timing"].limit)
     arms, limit, started = len(gpu_training.TRAINING_ARMS), parts["training"].limit, time.monotonic()
     deadline = started + (args.training_deadline_s if args.training_deadline_s is not None
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 started + limit - share.stop - arms * share.export)
     report.part("evaluation", gpu_training.evaluation, args.out / "training", model, settings["tasks"],
                 settings["eval_args"], parts["evaluation"].limit)
-    report.part("throughput", run_part_process, "step_throughput", [*settings["throughput_args"], "--model", model],
-                args.out / "throughput", parts["throughput"].limit)
+    report.part("throughput", run_part_process, "step_throughput",
+                [*settings["throughput_args"], "--model", model, "--port", str(free_port())], args.out / "throughput",
+                parts["throughput"].limit)
     print(f"gpu-check: report in {args.out}/report.md ({'ok' if report.data['ok'] else 'FAILED'}, "
           f"{report.data['wall_s']} s)")
     return 0 if report.data["ok"] else 1
