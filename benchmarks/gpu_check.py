@@ -76,12 +76,17 @@ def plan(smoke: bool, out: Path, steps: int | None) -> dict:
 def prepare_model(smoke: bool, model: str, gguf: Path | None, limit: float) -> dict:
     """The model every later part loads: on a GPU the wheelhouse's GGUF converted (the conversion checks EOS and
     padding against the GGUF's metadata; they are reported here); in a smoke run the tiny random model."""
-    if smoke:
+    from debater.gguf_convert import check_special_tokens, find_package_gguf, gguf_special_token_ids
+
+    if smoke:  # the tiny model; the special-token check on the embedded model, where `make assets` converted it
         if not (Path(model) / "config.json").exists():
             build_tiny_model(Path(model), echo_texts(FIXTURES / "echo" / "tiny_retrieval.jsonl"))
-        return {"model": model, "note": "smoke run: a tiny random model, no GGUF conversion"}
-    from debater.gguf_convert import check_special_tokens, gguf_special_token_ids
-
+        result = {"model": model, "note": "smoke run: a tiny random model, no GGUF conversion"}
+        if (Path(EMBEDDED_MODEL) / "config.json").exists():
+            gguf = gguf or find_package_gguf()
+            result[f"special_tokens of {EMBEDDED_MODEL}"] = check_special_tokens(Path(EMBEDDED_MODEL),
+                                                                                 gguf_special_token_ids(gguf))
+        return result
     gguf = gguf or next(Path(WHEELHOUSE_GGUF).glob("*.gguf"))
     done = subprocess.run([sys.executable, "-m", "debater", "convert-model", "--gguf", str(gguf), "--out", model],
                           capture_output=True, text=True, timeout=limit)

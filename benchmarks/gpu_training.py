@@ -97,6 +97,8 @@ def export_latest_checkpoint(run: Path) -> list[str]:
     from debater.core.errors import USER_ERRORS
     from debater.export import export_checkpoint
 
+    if (run / "adapter").exists():  # it finished and exported before the stop reached it
+        return []
     if not has_checkpoint(run):
         return ["stopped before its first checkpoint: nothing to export"]
     try:
