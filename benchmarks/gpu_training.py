@@ -1,10 +1,11 @@
-"""The correctness part of `make gpu-check`: three trainings through the launcher users run, side by side,
-then every trained adapter and the base model evaluated.
+"""The correctness parts of `make gpu-check`: three trainings through the launcher users run, side by side
+(training), then every trained adapter and the base model evaluated (evaluation).
 
 Arms: vanilla (last token, one view), full in the paper's document format (prompt, existing frozen rows as
 step tokens), and full in the format that learns soonest at small scale (added rows started as EOS copies
 and trained, no prompt). Each run must log a finite gradient norm at every step and end with an adapter
-that moved (LoRA's B matrices start at zero, so any non-zero entry is the optimizer's doing).
+that moved (LoRA's B matrices start at zero, so any non-zero entry is the optimizer's doing). Runs still going
+at the deadline are stopped once they have published a checkpoint and judged on it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.ablation import ARMS, PAPER_FORMAT, demo_config, start_training
 from benchmarks.common import tensorboard_scalars
+from benchmarks.gpu_budget import GPU_TRAINING
 from benchmarks.launched import free_port
 
 TRAINING_ARMS = {"vanilla": ARMS["vanilla"], "full_paper_format": {**PAPER_FORMAT, **ARMS["full"]},
@@ -26,36 +28,45 @@ TRAINING_ARMS = {"vanilla": ARMS["vanilla"], "full_paper_format": {**PAPER_FORMA
 
 
 def arm_config(arm: str, run: Path, settings: dict) -> dict:
-    """The demo config, the arm, then the settings of this check (batch, steps, dtype, data)."""
-    return demo_config(TRAINING_ARMS[arm], {"output_dir": str(run), "logging_steps": 1, "save_total_limit": 1,
-                                            "save_steps": settings["stop_after_n_steps"]}, settings)
+    """The demo config, the arm, then the settings of this check (batch, steps, checkpoints, dtype, data)."""
+    return demo_config(TRAINING_ARMS[arm], {"output_dir": str(run), "logging_steps": 1, "save_total_limit": 1},
+                       settings)
 
 
-def train_arms(out: Path, settings: dict, jobs: int, deadline: float) -> dict[str, dict]:
-    """Launch every arm (``jobs`` at once), stop any still running at ``deadline`` (time.monotonic());
-    returns each arm's exit code, seconds and log."""
-    pending, running, done = list(TRAINING_ARMS), {}, {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            arm = pending.pop(0)
-            run = out / arm
-            process = start_training(arm_config(arm, run, settings), 1, free_port())
-            running[arm] = (process, time.monotonic())
-        time.sleep(1)
+def train_arms(out: Path, settings: dict, deadline: float, limit: float) -> dict[str, dict]:
+    """Launch every arm at once. From ``deadline`` (time.monotonic()) on, an arm still running is stopped as soon
+    as it has published a checkpoint, and at ``limit`` whether or not; a stopped arm's last checkpoint is exported
+    at once. Returns each arm's exit code, seconds, log, export seconds and problems."""
+    running = {arm: (start_training(arm_config(arm, out / arm, settings), 1, free_port()), time.monotonic())
+               for arm in TRAINING_ARMS}
+    done = {}
+    while running:
+        time.sleep(0.5)
+        now = time.monotonic()
         for arm, (process, start) in list(running.items()):
-            late = time.monotonic() > deadline
-            if late and process.poll() is None:
+            stopped = process.poll() is None and (now >= limit or (now >= deadline and has_checkpoint(out / arm)))
+            if stopped:
                 stop_tree(process)
             if process.poll() is not None:
                 del running[arm]
                 done[arm] = {"exit": process.returncode, "seconds": round(time.monotonic() - start),
-                             "log": str(out / f"{arm}.log"), **({"stopped_at_deadline": True} if late else {})}
+                             "log": str(out / f"{arm}.log"), "problems": []}
+                if stopped:
+                    exported = time.monotonic()
+                    done[arm].update(stopped_at_deadline=True, problems=export_latest_checkpoint(out / arm),
+                                     export_s=round(time.monotonic() - exported, 1))
     return done
 
 
-def stop_tree(process: subprocess.Popen) -> None:
-    """Stop a launch and every process under it: the deepspeed runner of a local launch does not pass SIGTERM on
-    to the launcher and the ranks below it."""
+def has_checkpoint(run: Path) -> bool:
+    from debater.checkpoint import LATEST
+
+    return (run / "checkpoints" / LATEST).exists()
+
+
+def stop_tree(process: subprocess.Popen, grace: float = GPU_TRAINING.stop) -> None:
+    """Stop a launch and every process under it (SIGTERM, then SIGKILL after ``grace`` seconds): the deepspeed
+    runner of a local launch does not pass SIGTERM on to the launcher and the ranks below it."""
     import psutil
 
     try:
@@ -66,7 +77,7 @@ def stop_tree(process: subprocess.Popen) -> None:
     for member in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
-    for member in psutil.wait_procs(processes, timeout=60)[1]:
+    for member in psutil.wait_procs(processes, timeout=grace)[1]:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     process.wait()
@@ -80,11 +91,21 @@ def adapter_moved(run: Path) -> float:
     return max(float(t.abs().max()) for name, t in weights.items() if "lora_B" in name)
 
 
-def export_latest_checkpoint(run: Path) -> None:
-    """A run stopped at the deadline exported no adapter: export its latest checkpoint in its place."""
-    if (run / "checkpoints" / "latest").exists() and not (run / "adapter").exists():
-        subprocess.run([sys.executable, "-m", "debater", "export", "--checkpoint", str(run), "--out",
-                        str(run / "adapter")], check=True, capture_output=True)
+def export_latest_checkpoint(run: Path) -> list[str]:
+    """A run stopped at the deadline exported no adapter: export its latest checkpoint in its place (in this
+    process: the budget has no room for another interpreter's start). Returns the problems, if any."""
+    from debater.core.errors import USER_ERRORS
+    from debater.export import export_checkpoint
+
+    if (run / "adapter").exists():  # it finished and exported before the stop reached it
+        return []
+    if not has_checkpoint(run):
+        return ["stopped before its first checkpoint: nothing to export"]
+    try:
+        export_checkpoint(run, run / "adapter")
+    except (*USER_ERRORS, OSError, RuntimeError) as error:  # reported with the arm; the others are still judged
+        return [f"exporting the last checkpoint failed: {type(error).__name__}: {error}"]
+    return []
 
 
 def check_run(run: Path, steps: int, problems: tuple[str, ...] = ()) -> dict:
@@ -145,32 +166,28 @@ def evaluate(models: list[str], tasks: str, out: Path, extra: list[str], timeout
 
 def judge(out: Path, arm: str, launched: dict, steps: int) -> dict:
     """One arm's check; a run stopped at the deadline is judged on the steps it ran, from its last checkpoint."""
-    problems = []
     if launched.get("stopped_at_deadline"):
-        try:
-            export_latest_checkpoint(out / arm)
-        except subprocess.CalledProcessError as error:  # reported with the arm; the other arms are still judged
-            problems.append(f"exporting the last checkpoint failed: {error.stderr.decode()[-500:]}")
         steps = max(1, len(tensorboard_scalars(out / arm, "train/grad_norm")))
-    return {**launched, **check_run(out / arm, steps, tuple(problems))}
+    return {**launched, **check_run(out / arm, steps, tuple(launched["problems"]))}
 
 
-def run(out: Path, settings: dict, jobs: int, deadline: float, base_model: str, tasks: str,
-        eval_args: list[str], eval_timeout: float) -> dict:
+def run(out: Path, settings: dict, deadline: float, limit: float) -> dict:
+    """The training part: every arm trained (stopped at the deadline), exported, checked; the loss curves plotted."""
     shutil.rmtree(out, ignore_errors=True)  # runs left by an earlier check would be resumed, not trained
     out.mkdir(parents=True)
-    launched = train_arms(out, settings, jobs, deadline)
+    launched = train_arms(out, settings, deadline, limit)
     checks = {arm: judge(out, arm, launched[arm], settings["stop_after_n_steps"]) for arm in TRAINING_ARMS}
     plot_curves(checks, out / "loss_curves.png")
-    labels = {base_model: "base model (untrained)"}
-    labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
-    result = {"arms": checks, "loss_curves": str(out / "loss_curves.png")}
-    try:
-        scores = evaluate(list(labels), tasks, out / "eval", eval_args, eval_timeout)
-        result["scores"] = {labels[model]: values for model, values in scores.items()}
-    except (subprocess.SubprocessError, OSError, ValueError) as error:
-        result.update(scores={}, eval_error=f"{type(error).__name__}: {error} (see {out / 'eval.log'})")
     for check in checks.values():
         check["curves"] = {name: {str(s): round(v, 4) for s, v in curve.items()} for name, curve in check["curves"].items()}
-    result["ok"] = "eval_error" not in result and all(check["ok"] for check in checks.values())
-    return result
+    return {"arms": checks, "loss_curves": str(out / "loss_curves.png"),
+            "ok": all(check["ok"] for check in checks.values())}
+
+
+def evaluation(out: Path, base_model: str, tasks: str, extra: list[str], timeout: float) -> dict:
+    """The evaluation part: the base model and every arm's adapter on the test set."""
+    labels = {base_model: "base model (untrained)"}
+    labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
+    scores = evaluate(list(labels), tasks, out / "eval", extra, timeout)
+    return {"scores": {labels[model]: values for model, values in scores.items()},
+            "ok": set(scores) == set(labels)}

@@ -5,7 +5,7 @@ K positions (the step tokens), all from one forward pass per text group.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -23,12 +23,31 @@ STEP_ROWS_FILE = "step_rows.safetensors"  # the step-token embedding rows used i
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def flash_attention_unusable() -> str | None:
+    """Why flash-attention 2 cannot run here (None: it can). transformers' own check reads only the package's
+    metadata, so a flash-attn built for another torch or CUDA passes it and then fails inside
+    ``from_pretrained``; importing it here tells the two apart, whatever the broken build raises."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return "flash-attn is not installed (or older than 2.3.3)"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as error:  # noqa: BLE001  an ImportError, an OSError or worse from a foreign build
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return (f"flash-attn is installed but does not import ({type(error).__name__}: {first_line}): reinstall it "
+                "for this torch and CUDA, or uninstall it")
+    return None
+
+
 def choose_attention(requested: str) -> str:
-    """flash_attention_2 needs the flash-attn package and a GPU; otherwise fall back to sdpa."""
+    """flash_attention_2 needs a flash-attn that imports and a GPU; otherwise fall back to sdpa, saying why."""
     if requested == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
-            log.warning("attn_implementation=flash_attention_2 is not available here (flash-attn not installed "
-                        "or no CUDA GPU); using sdpa")
+        reason = flash_attention_unusable()
+        if reason is not None:
+            log.warning("attn_implementation=flash_attention_2 is not usable here (%s); using sdpa", reason)
             return "sdpa"
     return requested
 

