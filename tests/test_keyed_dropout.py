@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from debater.keyed_dropout import KeyedDropout, TextKeys, install_keyed_dropout
+from debater import keyed_dropout_cpu
+from debater.keyed_dropout import KeyedDropout, TextKeys, as_int32_bits, install_keyed_dropout, masked
 
 
 def _dropout(p: float = 0.25, salt: int = 7) -> KeyedDropout:
@@ -62,3 +64,98 @@ def test_install_replaces_every_lora_dropout_with_its_own_salt():
     assert len(keyed) == 2 and all(m.p == 0.1 for m in keyed)
     assert len({m.salt for m in keyed}) == 2
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+
+
+def _reference(dropout: KeyedDropout, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The spec: the pure-torch mask (int64 hashes of the full size) times the input, as before the kernels."""
+    return hidden * dropout.keep_mask(keys, hidden.shape[1], hidden.shape[2]).to(hidden.dtype) * (1 / (1 - dropout.p))
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.contiguous().view(torch.int16 if values.element_size() == 2 else torch.int32)
+
+
+def _inputs(shape: tuple[int, int, int], layout: str, dtype: torch.dtype) -> torch.Tensor:
+    n, length, width = shape
+    if layout == "transposed":  # features not adjacent in memory: the kernel's strided loop
+        return torch.randn(width, length, n, dtype=dtype).permute(2, 1, 0)
+    if layout == "sliced":      # a view with an offset and a gap between rows
+        return torch.randn(n + 1, length, width + 3, dtype=dtype)[1:, :, 2:-1]
+    return torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [((3, 7, 5), "contiguous"), ((2, 1, 1), "contiguous"),
+                                          ((5, 33, 1537), "contiguous"), ((4, 9, 70), "transposed"),
+                                          ((3, 11, 65), "sliced")])
+def test_the_fused_cpu_kernel_equals_the_reference_bit_for_bit_forward_and_backward(shape, layout, dtype):
+    torch.manual_seed(0)
+    dropout = _dropout(1 / 3, salt=0xBEEF)  # x * 1.5 needs a bit or two more than bf16 has: many rounding ties
+    keys = torch.tensor([5, 900, 1 << 40, 2**63 - 1, 7][:shape[0]])
+    hidden = _inputs(shape, layout, dtype).requires_grad_()
+    with dropout.text_keys.use(keys):
+        fused = dropout(hidden)
+    assert type(fused.grad_fn).__name__ == "FusedKeyedDropoutBackward"  # the kernel ran, not the reference
+    reference = _reference(dropout, hidden, keys)
+    assert torch.equal(_bits(fused), _bits(reference))
+    upstream = _inputs(shape, layout, dtype)
+    assert torch.equal(_bits(torch.autograd.grad(fused, hidden, upstream)[0]),
+                       _bits(torch.autograd.grad(reference, hidden, upstream)[0]))
+
+
+def test_the_cuda_definition_in_int32_equals_the_reference():
+    """``masked`` is what torch.compile turns into the CUDA kernel; run eagerly its int32 arithmetic (wrapping
+    multiply, masked shifts) must give the reference's bits (the compiled kernel is checked by make gpu-check)."""
+    dropout = _dropout(0.05, salt=2**32 - 1)
+    keys = torch.tensor([0, 3, 1 << 33, 2**63 - 1])
+    hidden = torch.randn(4, 19, 301)
+    rows, features = dropout.hashes(keys, 19, 301, hidden.device)
+    out = masked(hidden, as_int32_bits(rows), as_int32_bits(features), dropout.threshold, 1 / 0.95)
+    assert torch.equal(_bits(out), _bits(_reference(dropout, hidden, keys)))
+
+
+def test_backward_keeps_no_tensor_of_the_input_size():
+    dropout, saved = _dropout(0.1), []
+    hidden = torch.randn(6, 40, 96, requires_grad=True)
+    with dropout.text_keys.use(torch.arange(6)), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        dropout(hidden)
+    assert saved and max(t.numel() for t in saved) == 6 * 40 and all(t.dtype == torch.int32 for t in saved)
+
+
+def test_checkpoint_recomputation_gives_the_same_gradients():
+    torch.manual_seed(0)
+    text_keys = TextKeys()
+    layer = torch.nn.Sequential(KeyedDropout(0.5, 11, text_keys), torch.nn.Linear(24, 24)).train()
+    hidden = torch.randn(3, 8, 24, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        with text_keys.use(torch.tensor([4, 8, 15])):
+            out = (checkpoint(layer, hidden, use_reentrant=False, context_fn=text_keys.checkpoint_contexts)
+                   if checkpointed else layer(hidden))
+        grads.append(torch.autograd.grad(out.square().sum(), [hidden, layer[1].weight]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_the_mask_is_built_on_the_device_asked_for_not_the_keys():
+    dropout = _dropout()
+    keys = torch.tensor([1, 2])  # on the CPU, as the loader gives them
+    assert dropout.keep_mask(keys, 4, 8, torch.device("meta")).device.type == "meta"
+    with dropout.text_keys.use(keys):
+        assert dropout(torch.ones(2, 4, 8, device="meta")).device.type == "meta"
+
+
+def test_without_a_compiler_it_says_so_once_and_runs_the_reference(monkeypatch, caplog):
+    dropout = _dropout(0.25)
+    hidden, keys = torch.randn(2, 5, 16), torch.tensor([3, 4])
+    monkeypatch.setenv("CC", "no-such-compiler")
+    keyed_dropout_cpu.library.cache_clear()
+    try:
+        with dropout.text_keys.use(keys), caplog.at_level("WARNING"):
+            out = dropout(hidden)
+            dropout(hidden)
+    finally:
+        keyed_dropout_cpu.library.cache_clear()
+    assert [r.getMessage() for r in caplog.records if "no-such-compiler" in r.getMessage()] == [
+        caplog.records[0].getMessage()] and "using the reference masks" in caplog.records[0].getMessage()
+    assert out.grad_fn is None and torch.equal(out, _reference(dropout, hidden, keys))
