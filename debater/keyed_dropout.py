@@ -160,14 +160,17 @@ class KeyedDropout(nn.Module):
         if hidden.dim() != 3 or keys.shape[0] != hidden.shape[0]:
             raise ValueError(f"KeyedDropout got {keys.shape[0]} text keys for an input of shape "
                              f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
-        scale = 1.0 / (1.0 - self.p)
         kernel = fused_kernel(hidden)
         if kernel is None:
-            keep = self.keep_mask(keys, hidden.shape[1], hidden.shape[2], hidden.device)
-            return hidden * keep.to(hidden.dtype) * scale
+            return self.reference(hidden, keys)
         positions, feature = self.hashes(keys, hidden.shape[1], hidden.shape[2], hidden.device)
         return FusedKeyedDropout.apply(hidden, as_int32_bits(positions), as_int32_bits(feature), self.threshold,
-                                       scale, kernel)
+                                       1.0 / (1.0 - self.p), kernel)
+
+    def reference(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The training forward as the spec computes it: the reference mask times ``hidden``, rescaled."""
+        keep = self.keep_mask(keys, hidden.shape[1], hidden.shape[2], hidden.device)
+        return hidden * keep.to(hidden.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, salt={self.salt}"
