@@ -71,15 +71,25 @@ KERNEL(keyed_dropout_f32, float, load_f32, store_f32)
 KERNEL(keyed_dropout_bf16, uint16_t, load_bf16, store_bf16)
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+STABLE_CPUINFO = {"model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU part"}
 KERNELS = {torch.float32: "keyed_dropout_f32", torch.bfloat16: "keyed_dropout_bf16"}
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+
+
+def cpu_identity() -> list[str]:
+    """The CPU's model and instruction-set lines (not its clock, which changes between reads)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return [platform.processor()]
+    return sorted({line for line in lines if line.split(":")[0].strip() in STABLE_CPUINFO})
 
 
 def build(compiler: str, cache_dir: Path) -> ctypes.CDLL:
     """The kernel library, compiled by ``compiler`` unless ``cache_dir`` holds it already (the name hashes the
     source, the flags, the compiler and the CPU, since ``-march=native`` ties it to this machine's CPU)."""
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(), cpu]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(), *cpu_identity()]).encode())
+    key = key.hexdigest()[:16]
     library = cache_dir / f"keyed_dropout_{key}.so"
     if not library.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
