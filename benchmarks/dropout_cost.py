@@ -1,4 +1,4 @@
-"""What keyed LoRA dropout costs: one LoRA layer against nn.Dropout and none; the demo training step with and without.
+"""Keyed LoRA dropout's cost: a LoRA layer vs nn.Dropout and none; the demo step with and without it.
 
 Layer part, at the demo's and MiniCPM-2.4B's LoRA input widths (fp32, ``--threads``, best of ``--repeats``,
 every variant timed in turn in each round, so a busy machine slows them alike): the base projection's matmul,
