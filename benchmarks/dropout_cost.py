@@ -6,7 +6,7 @@ the keyed mask applied by the reference (int64 torch ops of the input's size) an
 ``nn.Dropout``, forward only; then one peft LoRA layer (r 16) forward+backward with keyed dropout, with
 ``nn.Dropout`` and with none. Bar: keyed <= 1.2x nn.Dropout.
 
-Step part (``--step-repeats`` > 0): the demo config (launch/configs/demo-smollm2.json) trained through the
+Step part: the demo config (launch/configs/demo-smollm2.json) trained through the
 launcher on ``--nproc`` ranks, as configured against ``lora_dropout`` 0, alternating runs, each arm's best
 run: tokens/s (the trainer's own, steps after the first) and rank 0's peak memory. Bars: >= 0.95x the tokens/s,
 peak memory within 2%. Also the model FLOP/s (benchmarks/step_throughput.py's formula, s = max_seq_length)
@@ -100,7 +100,7 @@ def step_costs(args) -> dict:
 
     demo = json.loads(BASE_CONFIG.read_text())
     arms = {f"lora_dropout {demo['lora_dropout']}": demo["lora_dropout"], "lora_dropout 0": 0.0}
-    data, runs = TRAIN_DATA, {arm: [] for arm in arms}
+    data, runs = str(args.data), {arm: [] for arm in arms}
     for repeat in range(args.step_repeats):
         for arm, p in arms.items():
             run = args.out / f"{'dropout' if p else 'none'}-{repeat}"
@@ -111,7 +111,8 @@ def step_costs(args) -> dict:
                 raise SystemExit(f"{arm}: {measured['error']}")
             runs[arm].append(measured)
             print(arm, measured, flush=True)
-            data = str(run / "preprocessed") if data == TRAIN_DATA else data  # tokenized once, by the first run
+            if (run / "preprocessed").is_dir():  # raw data: tokenized once, by the first run
+                data = str(run / "preprocessed")
     best = {arm: max(measured, key=lambda m: m["tokens_per_s"]) for arm, measured in runs.items()}
     (dropout, none) = best.values()
     torch.set_num_threads(args.nproc)  # the cores the ranks ran on
@@ -135,26 +136,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p", type=float, default=0.05, help="dropout probability of the layer part")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the layer part (best of)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the layer part")
-    parser.add_argument("--step-repeats", type=int, default=2, help="launched runs per arm (0: no step part)")
+    parser.add_argument("--parts", nargs="+", choices=["layer", "step"], default=["layer", "step"])
+    parser.add_argument("--step-repeats", type=int, default=2, help="launched runs per arm")
+    parser.add_argument("--data", type=Path, default=Path(TRAIN_DATA),
+                        help="the step part's echo-data, or a folder preprocessed for the demo config")
     parser.add_argument("--steps", type=int, default=8, help="training steps per launched run")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the launched runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    layers = {name: layer_costs(*SHAPES[name], args.p, args.repeats) for name in args.shapes}
-    for name, row in layers.items():
-        print(name, row, flush=True)
-    result = {"name": "dropout_cost", "p": args.p, "threads": args.threads, "repeats": args.repeats,
-              "layers": layers, "bars": {"layer_vs_nn_dropout_at_most": LAYER_BAR,
-                                         "step_tokens_per_s_ratio_at_least": STEP_BAR,
-                                         "step_peak_memory_change_at_most": MEMORY_BAR}}
-    worst = max(row["keyed_vs_nn_dropout"] for row in layers.values())
-    summary = f"keyed LoRA dropout, layer forward+backward: at most {worst:.2f}x nn.Dropout"
-    if args.step_repeats:
+    result = {"name": "dropout_cost", "bars": {"layer_vs_nn_dropout_at_most": LAYER_BAR,
+                                               "step_tokens_per_s_ratio_at_least": STEP_BAR,
+                                               "step_peak_memory_change_at_most": MEMORY_BAR}}
+    summary = ["keyed LoRA dropout"]
+    if "layer" in args.parts:
+        layers = {}
+        for name in args.shapes:
+            layers[name] = layer_costs(*SHAPES[name], args.p, args.repeats)
+            print(name, layers[name], flush=True)
+        result["layer"] = {"p": args.p, "threads": args.threads, "repeats": args.repeats, "shapes": layers,
+                           "ok": all(row["ok"] for row in layers.values())}
+        worst = max(row["keyed_vs_nn_dropout"] for row in layers.values())
+        summary.append(f"layer forward+backward at most {worst:.2f}x nn.Dropout")
+    if "step" in args.parts:
         step = result["step"] = step_costs(args)
-        summary += (f"; demo step on {args.nproc} ranks: {step['tokens_per_s_ratio']:.2f}x the tokens/s without "
-                    f"dropout, peak memory {step['peak_memory_change']:+.1%}, model FLOP/s "
-                    f"{step['model_flops_vs_matmul']:.1%} of the measured matmul")
-    result["ok"] = all(row["ok"] for row in layers.values()) and result.get("step", {}).get("ok", True)
-    result["summary"] = summary + ("" if result["ok"] else " (a bar is missed)")
+        summary.append(f"demo step on {args.nproc} ranks {step['tokens_per_s_ratio']:.2f}x the tokens/s without "
+                       f"dropout, peak memory {step['peak_memory_change']:+.1%}, model FLOP/s "
+                       f"{step['model_flops_vs_matmul']:.1%} of the measured matmul")
+    result["ok"] = all(result[part]["ok"] for part in args.parts)
+    result["summary"] = ": ".join([summary[0], "; ".join(summary[1:])]) + ("" if result["ok"] else " (a bar is missed)")
     write_result(result, args.out)
     return 0

@@ -85,26 +85,31 @@ def masked(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, thr
 
 
 @functools.cache
-def compiled_masked():
-    """``masked`` compiled for CUDA (dynamic shapes: one compile serves every layer width), or None with one log
-    line where Triton is missing."""
+def compiled_masked(device: torch.device, dtype: torch.dtype):
+    """``masked`` compiled (dynamic shapes: one compile serves every layer width), once checked on a small input
+    against itself run eagerly; or None, with one log line, where compiling fails (no Triton, say) or differs."""
     from torch.utils._triton import has_triton
 
-    if not has_triton():
+    if device.type == "cuda" and not has_triton():
         log.warning("keyed LoRA dropout: Triton is not installed, so the fused CUDA kernel cannot be compiled; "
                     "using the reference masks: the same result, slower and with int64 temporaries")
         return None
-    return torch.compile(masked, dynamic=True)
-
-
-def fused_kernel(hidden: torch.Tensor):
-    """The fused kernel for ``hidden``'s device and dtype (same arguments and result as ``masked``), or None:
-    then the reference path runs."""
-    if hidden.device.type == "cuda":
-        return compiled_masked()
-    if keyed_dropout_cpu.supports(hidden):
-        return keyed_dropout_cpu.apply
-    return None
+    compiled = torch.compile(masked, dynamic=True)
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(3, 5, 7, generator=generator).to(device, dtype),
+             torch.randint(-2**31, 2**31, (3, 5), generator=generator, dtype=torch.int32).to(device),
+             torch.randint(-2**31, 2**31, (7,), generator=generator, dtype=torch.int32).to(device), 2**23, 2.0)
+    try:
+        same = torch.equal(compiled(*probe), masked(*probe))
+    except Exception as error:  # a compiler's failures have many types; the reference path still works
+        log.warning("keyed LoRA dropout: compiling the fused kernel for %s %s failed (%s: %s); using the reference "
+                    "masks: the same result, slower", device, dtype, type(error).__name__, str(error)[:200])
+        return None
+    if not same:
+        log.warning("keyed LoRA dropout: the compiled kernel for %s %s differs from the reference on a probe; "
+                    "using the reference masks", device, dtype)
+        return None
+    return compiled
 
 
 class FusedKeyedDropout(torch.autograd.Function):
