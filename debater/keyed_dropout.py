@@ -112,6 +112,16 @@ def compiled_masked(device: torch.device, dtype: torch.dtype):
     return compiled
 
 
+def fused_kernel(hidden: torch.Tensor):
+    """The fused kernel for ``hidden``'s device and dtype (same arguments and result as ``masked``), or None:
+    then the reference path runs."""
+    if hidden.device.type == "cuda":
+        return compiled_masked(hidden.device, hidden.dtype)
+    if keyed_dropout_cpu.supports(hidden):
+        return keyed_dropout_cpu.apply
+    return None
+
+
 class FusedKeyedDropout(torch.autograd.Function):
     """y = x * keep * scale, and so dL/dx = g * keep * scale: backward applies the same kernel to the gradient,
     recomputing the mask from the saved row and feature hashes ([texts, length] and [width] int32)."""
