@@ -130,7 +130,8 @@ class FusedKeyedDropout(torch.autograd.Function):
     def forward(ctx, hidden, rows, features, threshold, scale, kernel):
         ctx.save_for_backward(rows, features)
         ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
-        return kernel(hidden, rows, features, threshold, scale)
+        # detached, as the gradient in backward is: a compiled kernel then serves both without a recompile
+        return kernel(hidden.detach(), rows, features, threshold, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
