@@ -111,6 +111,7 @@ bench: assets
 	$(PY) -m benchmarks encoding --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding
 	$(PY) -m benchmarks view_signal --out $(BENCH)/view_signal
 	$(PY) -m benchmarks checkpointing_memory --out $(BENCH)/checkpointing_memory
+	$(PY) -m benchmarks dropout_cost --out $(BENCH)/dropout_cost
 	$(PY) -m benchmarks grad_cache --batches 2 8 16 --chunk 8 --out $(BENCH)/grad_cache
 	$(PY) -m benchmarks grad_cache --batches 32 --nproc 2 --modes cached --chunk 8 --length 128 --steps 1 --out $(BENCH)/grad_cache_global64
 	$(PY) -m benchmarks ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation

@@ -24,15 +24,20 @@ def paper_format_config(run: Path, batch: int, length: int, steps: int, extra: d
                         "stop_after_n_steps": steps, "logging_steps": 1, "save_steps": steps, **extra})
 
 
+def after_first_step(values: dict[int, float]) -> float:
+    """The median of a per-step scalar over the steps after the first (which warms up), or over all if one."""
+    return statistics.median([v for step, v in values.items() if step > 1] or list(values.values()))
+
+
 def measure(run: Path, config: dict, nproc: int) -> dict:
-    """Train from scratch; rank 0's peak memory (MB) and the seconds per step after the first (the global
-    batch over the trainer's logged samples/s). A run that fails (out of memory, say) is recorded as such."""
+    """Train from scratch; rank 0's peak memory (MB), the seconds per step after the first (the global batch
+    over the trainer's logged samples/s) and the real (non-pad) tokens/s of all ranks. A run that fails (out of
+    memory, say) is recorded as such."""
     shutil.rmtree(run, ignore_errors=True)
     code = start_training(config, nproc, free_port()).wait()
     if code != 0:
         return {"error": f"training exited {code} (-9: killed, e.g. out of memory); see {run.parent / run.name}.log"}
-    samples_per_s = tensorboard_scalars(run, "speed/samples_per_s")
-    timed = [v for step, v in samples_per_s.items() if step > 1] or list(samples_per_s.values())
     global_batch = config["per_device_train_batch_size"] * nproc
     return {"peak_mb": round(max(tensorboard_scalars(run, "memory/peak_mb").values())),
-            "s_per_step": round(global_batch / statistics.median(timed), 2)}
+            "s_per_step": round(global_batch / after_first_step(tensorboard_scalars(run, "speed/samples_per_s")), 2),
+            "tokens_per_s": round(after_first_step(tensorboard_scalars(run, "speed/tokens_per_s")), 1)}

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import benchmark_parser, write_result
+from benchmarks.fused_dropout_check import fused_dropout_equality
 
 SHAPE = Path("benchmarks/shapes/minicpm2-2b.json")
 PEAK_BF16_TFLOPS = 989.4  # H100 / H200 SXM dense bf16, vendor datasheet
+DROPOUT_BAR = 1.05  # the step with keyed LoRA dropout may take at most this many times the step without
 FORMULA = ("model FLOPs/token = 4 P + 6 P_lora + 12 s d L (frozen base: forward 2P + 2P_lora + 4sdL, backward "
            "2P + 4P_lora + 8sdL); hardware FLOPs add checkpointing's second forward: 6 P + 8 P_lora + 16 s d L; "
            "MFU = model FLOPs/token x tokens/s / peak")
@@ -142,21 +144,32 @@ def measure(args: argparse.Namespace) -> dict:
     if gpu:  # the peak of the steps, not of building the random model
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, parts, grad_norm = timed_steps(step, batch, 1 + args.timed_steps, args.out)  # the first warms up
-    seconds = min(times[1:])
+    times, parts, grad_norm = timed_steps(step, batch, 1, args.out)  # warms up (and compiles the dropout kernel)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-    for module in encoder.modules():  # what the hashed LoRA dropout masks cost: the same steps without them
-        if isinstance(module, KeyedDropout):
+    dropouts = [module for module in encoder.modules() if isinstance(module, KeyedDropout)]
+    no_dropout_times = []
+    for _ in range(args.timed_steps):  # what the LoRA dropout masks cost: the same step without them, alternating
+        for module in dropouts:
+            module.p = config.lora_dropout
+        more, parts, grad_norm = timed_steps(step, batch, 1, args.out)
+        times += more
+        for module in dropouts:
             module.p = 0.0
-    no_dropout_seconds = min(timed_steps(step, batch, args.timed_steps, args.out)[0])
+        no_dropout_times += timed_steps(step, batch, 1, args.out)[0]
+    seconds, no_dropout_seconds = min(times[1:]), min(no_dropout_times)
     flops = flops_per_token(encoder.backbone.config, sum(p.numel() for p in trainable), args.seq)
     tokens_per_s = tokens / seconds
+    equality = fused_dropout_equality(engine.device)
+    slowdown = seconds / no_dropout_seconds
     result = {"shape": str(args.shape), "device": torch.cuda.get_device_name(0) if gpu else "cpu", "dtype": dtype,
               "attention": encoder.backbone.config._attn_implementation,
               "queries": args.queries, "texts": batch["query_ids"].shape[0] + batch["doc_ids"].shape[0],
               "seq": args.seq, "tokens_per_step": tokens, "build_model_s": round(built_s, 1),
               "step_s": [round(t, 3) for t in times], "tokens_per_s": round(tokens_per_s),
               "lora_dropout": config.lora_dropout, "tokens_per_s_without_lora_dropout": round(tokens / no_dropout_seconds),
+              "dropout_step_time_ratio": round(slowdown, 3), "fused_dropout_equals_reference": equality,
+              # the time bar holds on a GPU; a smoke run's few tiny CPU steps on a shared machine are too noisy
+              "ok": equality["equal"] and (slowdown <= DROPOUT_BAR or not gpu),
               "loss": float(parts.total.detach()), "grad_norm": grad_norm, "flops_per_token": flops, "flop_formula": FORMULA,
               "model_tflops": round(flops["model"] * tokens_per_s / 1e12, 1),
               "hardware_tflops": round(flops["hardware"] * tokens_per_s / 1e12, 1)}
@@ -183,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     result["summary"] = (f"one step at {result['texts']} x {result['seq']} tokens ({result['dtype']}, {result['device']}): "
                          f"{result['tokens_per_s']} tokens/s, {result['model_tflops']} model TFLOP/s"
-                         + (f", MFU {result['mfu_vs_datasheet']:.1%}, peak {result['peak_gb']} GB" if "peak_gb" in result else ""))
+                         + (f", MFU {result['mfu_vs_datasheet']:.1%}, peak {result['peak_gb']} GB" if "peak_gb" in result else "")
+                         + f"; LoRA dropout {result['dropout_step_time_ratio']}x the step without it, fused kernel "
+                         + ("equals" if result["fused_dropout_equals_reference"]["equal"] else "DIFFERS FROM")
+                         + " the reference")
     write_result(result, args.out, args.model)
     return 0

@@ -7,13 +7,23 @@ bit is a hash of (seed, the LoRA layer, the text's key, its position counted fro
 Text keys come from the loader (batch index, global row, role), so a text gets the same mask in a
 one-process run, a W-rank run, a chunked re-forward and a checkpointed recomputation. Without keys
 (a caller's own training loop) it is ordinary dropout.
+
+``keep_mask`` is the reference: plain torch, int64 tensors of the input's size. Training runs a fused kernel
+instead (C on the CPU, see keyed_dropout_cpu.py; ``masked`` compiled to Triton on CUDA): each element's bit is
+hashed inside the kernel that applies it, forward and backward, with the same bits as the reference.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 
 import torch
 from torch import nn
+
+from debater import keyed_dropout_cpu
+
+log = logging.getLogger(__name__)
 
 _LOW32 = 0xFFFFFFFF
 _MULTIPLIER = 0x45D9F3B  # below 2**31: the product of two 32-bit halves stays inside int64
@@ -21,10 +31,13 @@ _KEEP_BITS = 24          # the top 24 of 32 hash bits decide keep/drop, compared
 
 
 def mix32(values: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values in [0, 2**32)."""
-    values = ((values ^ (values >> 16)) * _MULTIPLIER) & _LOW32
-    values = ((values ^ (values >> 16)) * _MULTIPLIER) & _LOW32
-    return values ^ (values >> 16)
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values in [0, 2**32), or on int32
+    tensors holding the same 32 bits (a multiply wraps around, the shift is made logical by its mask): the
+    fused kernels' arithmetic, which vectorises better."""
+    low = _LOW32 if values.dtype == torch.int64 else -1
+    values = ((values ^ ((values >> 16) & 0xFFFF)) * _MULTIPLIER) & low
+    values = ((values ^ ((values >> 16) & 0xFFFF)) * _MULTIPLIER) & low
+    return values ^ ((values >> 16) & 0xFFFF)
 
 
 def hash_keys(keys: torch.Tensor, salt: int) -> torch.Tensor:
@@ -54,6 +67,80 @@ class TextKeys:
         return contextlib.nullcontext(), self.use(self.current)
 
 
+def as_int32_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as int32 with the same 32 bits (what the fused kernels read)."""
+    return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
+
+
+def masked(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, threshold: int,
+           scale: float) -> torch.Tensor:
+    """The fused op, written once in torch: ``hidden`` [texts, length, width] times its keep mask and
+    ``scale``, each element's bit hashed from the int32 hashes of its row (``rows`` [texts, length]) and of its
+    feature (``features`` [width]). Compiled (torch.compile, a Triton kernel on CUDA) it runs as one
+    elementwise kernel with no integer tensor of the input's size; run as it is, it is the reference's hash in
+    int32 arithmetic."""
+    bits = mix32(rows[:, :, None] ^ features)
+    keep = ((bits >> (32 - _KEEP_BITS)) & ((1 << _KEEP_BITS) - 1)) >= threshold
+    return hidden * keep.to(hidden.dtype) * scale
+
+
+@functools.cache
+def compiled_masked(device: torch.device, dtype: torch.dtype):
+    """``masked`` compiled (dynamic shapes: one compile serves every layer width), once checked on a small input
+    against itself run eagerly; or None, with one log line, where compiling fails (no Triton, say) or differs."""
+    from torch.utils._triton import has_triton
+
+    if device.type == "cuda" and not has_triton():
+        log.warning("keyed LoRA dropout: Triton is not installed, so the fused CUDA kernel cannot be compiled; "
+                    "using the reference masks: the same result, slower and with int64 temporaries")
+        return None
+    compiled = torch.compile(masked, dynamic=True)
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(3, 5, 7, generator=generator).to(device, dtype),
+             torch.randint(-2**31, 2**31, (3, 5), generator=generator, dtype=torch.int32).to(device),
+             torch.randint(-2**31, 2**31, (7,), generator=generator, dtype=torch.int32).to(device), 2**23, 2.0)
+    try:
+        with torch.no_grad():  # as in the autograd Function's forward and backward: one compiled graph for all
+            same = torch.equal(compiled(*probe), masked(*probe))
+    except Exception as error:  # a compiler's failures have many types; the reference path still works
+        log.warning("keyed LoRA dropout: compiling the fused kernel for %s %s failed (%s: %s); using the reference "
+                    "masks: the same result, slower", device, dtype, type(error).__name__, str(error)[:200])
+        return None
+    if not same:
+        log.warning("keyed LoRA dropout: the compiled kernel for %s %s differs from the reference on a probe; "
+                    "using the reference masks", device, dtype)
+        return None
+    return compiled
+
+
+def fused_kernel(hidden: torch.Tensor):
+    """The fused kernel for ``hidden``'s device and dtype (same arguments and result as ``masked``), or None:
+    then the reference path runs."""
+    if hidden.device.type == "cuda":
+        return compiled_masked(hidden.device, hidden.dtype)
+    if keyed_dropout_cpu.supports(hidden):
+        return keyed_dropout_cpu.apply
+    return None
+
+
+class FusedKeyedDropout(torch.autograd.Function):
+    """y = x * keep * scale, and so dL/dx = g * keep * scale: backward applies the same kernel to the gradient,
+    recomputing the mask from the saved row and feature hashes ([texts, length] and [width] int32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, rows, features, threshold, scale, kernel):
+        ctx.save_for_backward(rows, features)
+        ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
+        # detached, as the gradient in backward is: a compiled kernel then serves both without a recompile
+        return kernel(hidden.detach(), rows, features, threshold, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, features = ctx.saved_tensors
+        return ctx.kernel(grad, rows, features, ctx.threshold, ctx.scale), None, None, None, None, None
+
+
 class KeyedDropout(nn.Module):
     """Inverted dropout with probability ``p``; ``salt`` tells this layer's masks apart from the others'."""
 
@@ -64,13 +151,20 @@ class KeyedDropout(nn.Module):
         self.p, self.salt, self.text_keys = p, salt, text_keys
         self.threshold = round(p * 2 ** _KEEP_BITS)
 
-    def keep_mask(self, keys: torch.Tensor, length: int, features: int) -> torch.Tensor:
-        """[n, length, features] bools for n texts; position 0 of the result is ``length`` from the end."""
-        device = keys.device
+    def hashes(self, keys: torch.Tensor, length: int, features: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hashes of each (text, position) [n, length] and of each feature [features], on ``device``: an
+        element's keep bit is ``mix32`` of their xor."""
         rows = hash_keys(keys.to(device), self.salt)                                   # [n]
         from_end = torch.arange(length - 1, -1, -1, device=device)
         positions = mix32(rows[:, None] ^ hash_keys(from_end, self.salt + 1)[None])    # [n, L]
-        feature = hash_keys(torch.arange(features, device=device), self.salt + 2)     # [F]
+        return positions, hash_keys(torch.arange(features, device=device), self.salt + 2)
+
+    def keep_mask(self, keys: torch.Tensor, length: int, features: int,
+                  device: torch.device | None = None) -> torch.Tensor:
+        """The reference (the spec every fused kernel equals): [n, length, features] bools for n texts, on
+        ``device`` (default: the keys'); position 0 of the result is ``length`` from the end."""
+        positions, feature = self.hashes(keys, length, features, keys.device if device is None else device)
         bits = mix32(positions[..., None] ^ feature)                                  # [n, L, F]
         return (bits >> (32 - _KEEP_BITS)) >= self.threshold
 
@@ -83,7 +177,16 @@ class KeyedDropout(nn.Module):
         if hidden.dim() != 3 or keys.shape[0] != hidden.shape[0]:
             raise ValueError(f"KeyedDropout got {keys.shape[0]} text keys for an input of shape "
                              f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
-        keep = self.keep_mask(keys, hidden.shape[1], hidden.shape[2])
+        kernel = fused_kernel(hidden)
+        if kernel is None:
+            return self.reference(hidden, keys)
+        positions, feature = self.hashes(keys, hidden.shape[1], hidden.shape[2], hidden.device)
+        return FusedKeyedDropout.apply(hidden, as_int32_bits(positions), as_int32_bits(feature), self.threshold,
+                                       1.0 / (1.0 - self.p), kernel)
+
+    def reference(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The training forward as the spec computes it: the reference mask times ``hidden``, rescaled."""
+        keep = self.keep_mask(keys, hidden.shape[1], hidden.shape[2], hidden.device)
         return hidden * keep.to(hidden.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from debater.keyed_dropout import KeyedDropout, TextKeys, install_keyed_dropout
+from benchmarks.fused_dropout_check import CASES, as_bits, fused_dropout_equality
+from debater import keyed_dropout_cpu
+from debater.keyed_dropout import KeyedDropout, TextKeys, as_int32_bits, install_keyed_dropout, masked
 
 
 def _dropout(p: float = 0.25, salt: int = 7) -> KeyedDropout:
@@ -62,3 +65,68 @@ def test_install_replaces_every_lora_dropout_with_its_own_salt():
     assert len(keyed) == 2 and all(m.p == 0.1 for m in keyed)
     assert len({m.salt for m in keyed}) == 2
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+
+
+def test_the_fused_cpu_kernel_equals_the_reference_bit_for_bit_forward_and_backward():
+    """fp32 and bf16, odd shapes, strided and offset views (benchmarks/fused_dropout_check.py's cases, which
+    make gpu-check runs on the GPU)."""
+    result = fused_dropout_equality(torch.device("cpu"))
+    assert result["mismatches"] == [] and result["cases"] == 2 * len(CASES)
+
+
+def test_the_cuda_definition_in_int32_equals_the_reference():
+    """``masked`` is what torch.compile turns into the CUDA kernel; run eagerly its int32 arithmetic (wrapping
+    multiply, masked shifts) must give the reference's bits (the compiled kernel is checked by make gpu-check)."""
+    dropout = _dropout(0.05, salt=2**32 - 1)
+    keys = torch.tensor([0, 3, 1 << 33, 2**63 - 1])
+    hidden = torch.randn(4, 19, 301)
+    rows, features = dropout.hashes(keys, 19, 301, hidden.device)
+    out = masked(hidden, as_int32_bits(rows), as_int32_bits(features), dropout.threshold, 1 / 0.95)
+    assert torch.equal(as_bits(out), as_bits(dropout.reference(hidden, keys)))
+
+
+def test_backward_keeps_no_tensor_of_the_input_size():
+    dropout, saved = _dropout(0.1), []
+    hidden = torch.randn(6, 40, 96, requires_grad=True)
+    with dropout.text_keys.use(torch.arange(6)), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        dropout(hidden)
+    assert saved and max(t.numel() for t in saved) == 6 * 40 and all(t.dtype == torch.int32 for t in saved)
+
+
+def test_checkpoint_recomputation_gives_the_same_gradients():
+    torch.manual_seed(0)
+    text_keys = TextKeys()
+    layer = torch.nn.Sequential(KeyedDropout(0.5, 11, text_keys), torch.nn.Linear(24, 24)).train()
+    hidden = torch.randn(3, 8, 24, requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        with text_keys.use(torch.tensor([4, 8, 15])):
+            out = (checkpoint(layer, hidden, use_reentrant=False, context_fn=text_keys.checkpoint_contexts)
+                   if checkpointed else layer(hidden))
+        grads.append(torch.autograd.grad(out.square().sum(), [hidden, layer[1].weight]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_the_mask_is_built_on_the_device_asked_for_not_the_keys():
+    dropout = _dropout()
+    keys = torch.tensor([1, 2])  # on the CPU, as the loader gives them
+    assert dropout.keep_mask(keys, 4, 8, torch.device("meta")).device.type == "meta"
+    with dropout.text_keys.use(keys):
+        assert dropout(torch.ones(2, 4, 8, device="meta")).device.type == "meta"
+
+
+def test_without_a_compiler_it_says_so_once_and_runs_the_reference(monkeypatch, caplog):
+    dropout = _dropout(0.25)
+    hidden, keys = torch.randn(2, 5, 16, requires_grad=True), torch.tensor([3, 4])
+    monkeypatch.setenv("CC", "no-such-compiler")
+    keyed_dropout_cpu.library.cache_clear()
+    try:
+        with dropout.text_keys.use(keys), caplog.at_level("WARNING"):
+            out = dropout(hidden)
+            dropout(hidden)
+    finally:
+        keyed_dropout_cpu.library.cache_clear()
+    assert [r.getMessage() for r in caplog.records if "no-such-compiler" in r.getMessage()] == [
+        caplog.records[0].getMessage()] and "using the reference masks" in caplog.records[0].getMessage()
+    assert type(out.grad_fn).__name__ == "MulBackward0" and torch.equal(out, dropout.reference(hidden, keys))

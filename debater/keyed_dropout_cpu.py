@@ -1,0 +1,138 @@
+"""The CPU kernel of keyed LoRA dropout: one pass that hashes each element's keep/drop bit and applies it.
+
+Plain C, built once per machine with the system's C compiler (well under a second, no torch headers) into a
+cache under the temporary directory, loaded with ctypes; it runs on the calling thread plus
+``torch.get_num_threads() - 1`` OpenMP threads (the linker reuses the libgomp torch already loaded). The
+per-element work is the last of the reference's hashes, ``mix32(row ^ feature)``, in uint32 arithmetic; the
+[texts, positions] and [features] hashes before it are small and come from the reference code. fp32 and bf16
+inputs; other dtypes, or a machine without a compiler, use the reference (with a log line).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t mix32(uint32_t v) {
+    v = (v ^ (v >> 16)) * 0x45D9F3Bu;
+    v = (v ^ (v >> 16)) * 0x45D9F3Bu;
+    return v ^ (v >> 16);
+}
+
+static inline float load_f32(float v) { return v; }
+static inline float store_f32(float v) { return v; }
+static inline float load_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t store_bf16(float f) {  /* round to nearest even, as c10::BFloat16 */
+    uint32_t u;
+    if (f != f) return 0x7FC0;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* out[i, l, f] = in[i, l, f] * keep * scale, keep = (mix32(rows[i, l] ^ features[f]) >> 8) >= threshold;
+   in has any strides (elements), out is contiguous. */
+#define KERNEL(NAME, T, LOAD, STORE)                                                                         \
+void NAME(const T *in, T *out, const uint32_t *rows, const uint32_t *features, int64_t texts, int64_t length, \
+          int64_t width, int64_t s0, int64_t s1, int64_t s2, uint32_t threshold, float scale, int threads) {  \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                       \
+    for (int64_t r = 0; r < texts * length; r++) {                                                           \
+        const T *x = in + (r / length) * s0 + (r % length) * s1;                                             \
+        T *y = out + r * width;                                                                              \
+        const uint32_t row = rows[r];                                                                        \
+        if (s2 == 1) {                                                                                       \
+            for (int64_t f = 0; f < width; f++) {                                                            \
+                float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                          \
+                y[f] = STORE(LOAD(x[f]) * keep * scale);                                                     \
+            }                                                                                                \
+        } else {                                                                                             \
+            for (int64_t f = 0; f < width; f++) {                                                            \
+                float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                          \
+                y[f] = STORE(LOAD(x[f * s2]) * keep * scale);                                                \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+KERNEL(keyed_dropout_f32, float, load_f32, store_f32)
+KERNEL(keyed_dropout_bf16, uint16_t, load_bf16, store_bf16)
+"""
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+STABLE_CPUINFO = {"model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU part"}
+KERNELS = {torch.float32: "keyed_dropout_f32", torch.bfloat16: "keyed_dropout_bf16"}
+_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+
+
+def cpu_identity() -> list[str]:
+    """The CPU's model and instruction-set lines (not its clock, which changes between reads)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return [platform.processor()]
+    return sorted({line for line in lines if line.split(":")[0].strip() in STABLE_CPUINFO})
+
+
+def build(compiler: str, cache_dir: Path) -> ctypes.CDLL:
+    """The kernel library, compiled by ``compiler`` unless ``cache_dir`` holds it already (the name hashes the
+    source, the flags, the compiler and the CPU, since ``-march=native`` ties it to this machine's CPU)."""
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(), *cpu_identity()]).encode())
+    key = key.hexdigest()[:16]
+    library = cache_dir / f"keyed_dropout_{key}.so"
+    if not library.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        source = cache_dir / f"keyed_dropout_{key}.{os.getpid()}.c"
+        partial = source.with_suffix(".so")
+        source.write_text(SOURCE)
+        try:
+            subprocess.run([compiler, *FLAGS, str(source), "-o", str(partial)], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(partial, library)  # atomic: ranks building at once each publish a whole file
+        finally:
+            source.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+    loaded = ctypes.CDLL(str(library))
+    for name in KERNELS.values():
+        getattr(loaded, name).argtypes = _ARGS
+    return loaded
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (with one log line saying why) where it cannot be built."""
+    compiler = os.environ.get("CC", "cc")
+    try:
+        return build(compiler, Path(tempfile.gettempdir()) / f"debater-kernels-{os.getuid()}")
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        log.warning("keyed LoRA dropout: could not build the fused CPU kernel with %s (%s); using the reference "
+                    "masks: the same result, slower", compiler, str(detail).strip().splitlines()[-1:])
+        return None
+
+
+def supports(hidden: torch.Tensor) -> bool:
+    return hidden.device.type == "cpu" and hidden.dtype in KERNELS and library() is not None
+
+
+def apply(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, threshold: int,
+          scale: float) -> torch.Tensor:
+    """``hidden`` [texts, length, width] times its keep mask and ``scale``; ``rows`` [texts, length] and
+    ``features`` [width] are int32 tensors holding the 32-bit hashes (contiguous)."""
+    out = torch.empty(hidden.shape, dtype=hidden.dtype)
+    texts, length, width = hidden.shape
+    getattr(library(), KERNELS[hidden.dtype])(
+        hidden.data_ptr(), out.data_ptr(), rows.data_ptr(), features.data_ptr(), texts, length, width,
+        *hidden.stride(), threshold, scale, torch.get_num_threads())
+    return out
