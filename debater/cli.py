@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
     try:
         train(config, ds_config)
     except StoppedEarly as stopped:
-        log.warning("%s", stopped)
+        log.warning("%s", stopped, extra={"own": True})  # every rank says where it stopped: the same step
         stopped.note()
         return EXIT_STOPPED
     return 0

@@ -33,7 +33,8 @@ def test_smoke_run_through_make_with_an_early_deadline(tmp_path):
     assert report["mode"] == "smoke" and "SMOKE RUN" in report["note"]
     assert list(report["parts"]) == list(gpu_budget.GPU_PARTS) and report["ok"]
     assert all(part["ok"] and part["seconds"] <= part["limit"] for part in report["parts"].values())
-    assert report["wall_s"] >= sum(part["seconds"] for part in report["parts"].values())  # set-up included
+    # set-up included (each part's seconds are rounded to 0.1 s, so their sum may pass the total by rounding)
+    assert report["wall_s"] >= sum(part["seconds"] for part in report["parts"].values()) - 0.05 * len(report["parts"])
     preflight = report["parts"]["preflight"]["result"]
     assert preflight["problems"] == [] and preflight["versions"]["deepspeed"] and "mteb" in preflight["import_s"]
     training = report["parts"]["training"]["result"]

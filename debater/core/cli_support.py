@@ -31,10 +31,12 @@ class OwnMessagesOnly(logging.Filter):
 
 def setup_logging(verbose: bool = False) -> None:
     rank = launched_rank()
+    root = logging.getLogger()
+    ours = not root.handlers  # a host that set up logging itself (pytest, a notebook) keeps its handlers as they are
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if rank != 0 and not verbose:
-        for handler in logging.getLogger().handlers:
+    if ours and rank != 0 and not verbose:
+        for handler in root.handlers:
             handler.addFilter(OwnMessagesOnly())
     # libraries whose INFO lines say nothing to a user (torch's extension loader: where DeepSpeed's ops are cached)
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "torch.distributed", "DeepSpeed",
