@@ -1,5 +1,3 @@
-import sys
+from debater.cli import exit_without_teardown, main
 
-from debater.cli import main
-
-sys.exit(main())
+exit_without_teardown(main())

@@ -3,6 +3,7 @@ embedded model. Each command has its own --help."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -17,7 +18,8 @@ BASE_MODEL_HELP = "base model folder of an adapter, in place of the one its deba
 def cmd_train(args) -> int:
     from debater.core.config import load_config
     from debater.run_folder import check_inputs, prepare_output_dir
-    from debater.stop_request import EXIT_STOPPED, StoppedEarly
+    from debater.core.exit_codes import STOPPED_EARLY
+    from debater.stop_request import StoppedEarly
 
     if args.help_config:
         from debater.core.config import config_reference, config_reference_markdown
@@ -56,7 +58,7 @@ def cmd_train(args) -> int:
     except StoppedEarly as stopped:
         log.warning("%s", stopped, extra={"own": True})  # every rank says where it stopped: the same step
         stopped.note()
-        return EXIT_STOPPED
+        return STOPPED_EARLY
     return 0
 
 
@@ -183,5 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(parser, argv, log)
 
 
+def exit_without_teardown(code: int) -> None:
+    """Exit with ``code`` once the atexit handlers (logging's flush among them) have run, without the interpreter
+    tearing down torch, transformers, peft and DeepSpeed module by module: ~3.5 s per process (measured on a
+    2-core CPU machine: a 2-step one-process training took 14.3 s with this exit, 18.1 s without), paid by every
+    rank of every launch. Call it only when every output is written and closed, as it is when ``main`` returns."""
+    atexit._run_exitfuncs()  # the handlers a normal exit runs, which os._exit alone would skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -4,11 +4,11 @@ Clusters preempt jobs (SIGTERM, or a warning signal such as SLURM's ``--signal=U
 their time limit. A handler here only sets a flag. Once per optimizer step the training loop asks
 ``StopRequest.agreed``, one MAX all-reduce of [signal seen, deadline near] over the ranks, so a signal that
 reached a single rank stops every rank after the same step. The loop then saves through the checkpoint
-protocol and the process exits with ``EXIT_STOPPED``, which launchers and batch scripts read as "stopped
-early, resume from latest". Worker processes forked while the handlers are in place (the tokenizing pool)
+protocol and the process exits with ``STOPPED_EARLY`` (debater/core/exit_codes.py), which launchers and
+batch scripts read as "stopped early, resume from latest". Worker processes forked while the handlers are in place (the tokenizing pool)
 inherit them, so a stop signal that reaches a worker (SLURM signals every process of a job step) is ignored
 there. torchrun exits 1 whatever its workers return, so ``launch/torchrun.sh`` names a
-file in ``DEBATER_STOP_NOTE`` that a stopped rank writes, and exits 75 when it exists.
+file in ``DEBATER_STOP_NOTE`` that a stopped rank writes, and exits ``STOPPED_EARLY`` when it exists.
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ import torch
 
 from debater import distributed
 from debater.core.config import TrainConfig, end_time_epoch
+from debater.core.exit_codes import STOPPED_EARLY
 
 log = logging.getLogger(__name__)
-# sysexits.h's EX_TEMPFAIL ("temporary failure, try again"): not 0 (finished), 1 (error), 2 (usage error), nor
-# 128+N (killed by signal N, e.g. 137, 143), so a wrapper cannot take a crash for a resumable stop
-EXIT_STOPPED = 75
 STOP_NOTE_ENV = "DEBATER_STOP_NOTE"
 RECENT_STEPS = 10  # the margin uses the slowest of the last steps: one slow step must not miss the save
 

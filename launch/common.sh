@@ -62,7 +62,7 @@ fi
 # Stopping early (docs/training-at-scale.md): a rank that gets SIGTERM or SIGUSR1 makes every rank stop after the
 # same step with a checkpoint and exit STOPPED_EARLY. The deepspeed launcher's own handlers would kill the ranks
 # instead (and it dies on SIGUSR1), so the scripts run it in the background and pass such a signal on to the ranks.
-STOPPED_EARLY=75
+STOPPED_EARLY=$(python3 -c 'from debater.core.exit_codes import STOPPED_EARLY; print(STOPPED_EARLY)')
 
 # The command that sends SIGTERM to the ranks of the deepspeed launch rendezvousing at ADDR:PORT on this host:
 # the children of its per-host launch.py (no other run on a host can share that address and port). The pattern

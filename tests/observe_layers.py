@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import debater.train as train_module
-from debater.cli import main
+from debater.cli import exit_without_teardown, main
 
 _build = train_module.build_training_encoder
 
@@ -31,4 +31,4 @@ def _watched(config, tokenizer):
 
 train_module.build_training_encoder = _watched
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_without_teardown(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from debater.cli import main
+from debater.cli import exit_without_teardown, main
 
 _torch_save = torch.save
 
@@ -28,4 +28,4 @@ def _save_or_die(obj, f, *args, **kwargs):
 
 torch.save = _save_or_die
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_without_teardown(main(sys.argv[1:]))

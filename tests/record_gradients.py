@@ -10,7 +10,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 import debater.training_step as training_step
-from debater.cli import main
+from debater.cli import exit_without_teardown, main
 
 _update = training_step.TrainingStep.update
 
@@ -26,4 +26,4 @@ def _recording_update(self, step: int, checkpoints: str) -> float:
 
 training_step.TrainingStep.update = _recording_update
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_without_teardown(main(sys.argv[1:]))
