@@ -78,22 +78,17 @@ def launch_training(config: dict, config_path: Path, port: int, nproc: int = 2, 
     return run_launcher(command, {**training_env(), **(env or {})}, timeout)
 
 
-def train_straight_and_resumed(config: dict, work: Path, steps: int, split_extra: dict | None = None,
-                               ds_config: str = "zero2_cpu.json") -> tuple[Path, Path]:
-    """Train ``config`` (on a copy of the echo fixtures) for ``steps`` straight into ``work/straight``, and
-    into ``work/split`` for half the steps, then resumed from 'latest' to the end (``split_extra`` added to
-    both halves). Returns (straight, split) output folders."""
-    data = work / "echo"
-    shutil.copytree(FIXTURES / "echo", data)
-    straight, split = work / "straight", work / "split"
-    base = {**config, "dataset_file_path": str(data)}
-    halves = {**base, **(split_extra or {}), "output_dir": str(split)}
-    for run in ({**base, "output_dir": str(straight), "stop_after_n_steps": steps},
-                {**halves, "stop_after_n_steps": steps // 2},
-                {**halves, "stop_after_n_steps": steps, "resume_from_checkpoint": "latest"}):
-        done = launch_training(run, work / "config.json", free_port(), ds_config=ds_config)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return straight, split
+def as_published_at(run: Path, copy: Path, step: int) -> Path:
+    """``copy``: the training output ``run`` as it stood once its checkpoint step-``step`` was published (what a
+    preemption then leaves), for a resumed run to continue: later checkpoints, the adapter and the TensorBoard
+    events removed, so that it writes its own, and 'latest' pointing at step-``step``."""
+    assert (run / "checkpoints" / f"step-{step}").is_dir(), f"{run} has no checkpoint step-{step}"
+    shutil.copytree(run, copy)
+    for later in [*(copy / "checkpoints").glob("step-*"), copy / "adapter", copy / "tensorboard"]:
+        if later.name in ("adapter", "tensorboard") or int(later.name.removeprefix("step-")) > step:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(f"step-{step}")
+    return copy
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:

@@ -1,18 +1,19 @@
 """The GPU users' path on CPU: ``ds_configs/zero2_bf16.json`` with bf16 weights, through the deepspeed launcher
-(2 ranks). Gradient norms stay finite, the adapter moves, and a stop + resume equals the uninterrupted run;
-with gradient caching too, whose losses follow the uncached run's to bf16 precision."""
+(2 ranks). Gradient norms stay finite, the adapter moves, and its step-2 checkpoint resumed equals the uninterrupted
+run; with gradient caching too, whose losses follow the uncached run's to bf16 precision."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
-from conftest import free_port, launch_training, tensorboard_scalars, train_straight_and_resumed
+from conftest import FIXTURES, as_published_at, free_port, launch_training, tensorboard_scalars
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.launcher
 
-STEPS = 4
+STEPS, HALF = 4, 2
 
 
 CONFIG = {"torch_dtype": "bfloat16", "learning_rate": 5e-3, "warmup_steps": 1, "per_device_train_batch_size": 2,
@@ -22,8 +23,20 @@ CONFIG = {"torch_dtype": "bfloat16", "learning_rate": 5e-3, "warmup_steps": 1, "
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    return train_straight_and_resumed({**CONFIG, "model_name_or_path": str(tiny_model)},
-                                      tmp_path_factory.mktemp("bf16"), steps=STEPS, ds_config="zero2_bf16.json")
+    """(straight, resumed): 4 steps uninterrupted, and its step-2 checkpoint resumed to step 4."""
+    work = tmp_path_factory.mktemp("bf16")
+    shutil.copytree(FIXTURES / "echo", work / "echo")
+    straight = work / "straight"
+    config = {**CONFIG, "model_name_or_path": str(tiny_model), "dataset_file_path": str(work / "echo"),
+              "stop_after_n_steps": STEPS}
+    done = launch_training({**config, "output_dir": str(straight)}, work / "straight.json", free_port(),
+                           ds_config="zero2_bf16.json")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = as_published_at(straight, work / "resumed", HALF)
+    done = launch_training({**config, "output_dir": str(resumed), "resume_from_checkpoint": "latest"},
+                           work / "resumed.json", free_port(), ds_config="zero2_bf16.json")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return straight, resumed
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +78,8 @@ def test_bf16_run_moves_the_adapter(runs):
 
 def test_bf16_resume_is_exact(runs):
     losses = [tensorboard_scalars(run / "tensorboard", "loss/total") for run in runs]
-    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, STEPS + 1))
-    for step in losses[0]:
+    assert sorted(losses[0]) == list(range(1, STEPS + 1)) and sorted(losses[1]) == list(range(HALF + 1, STEPS + 1))
+    for step in losses[1]:
         assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-6), step
     weights = [load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in runs]
     assert weights[0].keys() == weights[1].keys()

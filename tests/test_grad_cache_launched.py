@@ -2,7 +2,7 @@
 applies at step 1 and the adapter after 3 steps equal the uncached run's, on 1 and 2 ranks, with the full loss,
 2 hard negatives per query, LoRA dropout, gradient checkpointing and trained step rows all on, and a chunk
 that divides neither side. The cached 1-rank run is held to the uncached 2-rank run: dropout masks are keyed by
-text, so the world size changes nothing either (1 and 2 uncached ranks are compared in test_resume_world_size.py).
+text, so the world size changes nothing either (1 and 2 uncached ranks are compared in test_resume.py).
 """
 from __future__ import annotations
 

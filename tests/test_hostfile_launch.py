@@ -23,7 +23,7 @@ from conftest import (FIXTURES, ROOT, assert_close_to_scale, free_port, launch_t
                       tensorboard_scalars, training_env)
 from safetensors.torch import load_file
 
-from debater.stop_request import EXIT_STOPPED
+from debater.core.exit_codes import STOPPED_EARLY
 
 SSHD = Path("/usr/sbin/sshd")
 HOSTS = ("127.0.0.1", "127.0.0.2")
@@ -207,7 +207,7 @@ def runs(tiny_model, tmp_path_factory, ssh_env):
 
 
 def test_a_signal_to_one_rank_of_the_second_host_stops_every_rank_at_the_same_step(runs):
-    assert runs["stopped"] == EXIT_STOPPED, runs["stop_output"][-3000:]
+    assert runs["stopped"] == STOPPED_EARLY, runs["stop_output"][-3000:]
     assert runs["stop_exited_after"] < STOP_EXIT_LIMIT_S
     step = _step(runs["latest_after_stop"])
     assert 2 < step < STEPS  # a step the schedule did not save
@@ -217,7 +217,7 @@ def test_a_signal_to_one_rank_of_the_second_host_stops_every_rank_at_the_same_st
 
 
 def test_a_host_lost_during_the_stop_checkpoint_fails_the_launch_and_keeps_the_previous_latest(runs):
-    assert runs["killed"] not in (0, EXIT_STOPPED), runs["kill_output"][-3000:]
+    assert runs["killed"] not in (0, STOPPED_EARLY), runs["kill_output"][-3000:]
     assert runs["kill_exited_after"] < FAILURE_EXIT_LIMIT_S
     assert runs["latest_after_kill"] == runs["latest_before_kill"]
     resumed = runs["resumed"].stdout + runs["resumed"].stderr

@@ -15,7 +15,7 @@ import time
 from conftest import FIXTURES, free_port, run_launcher, tensorboard_scalars, training_env
 
 from debater.checkpoint import trainable_weights, weights_digest
-from debater.stop_request import EXIT_STOPPED
+from debater.core.exit_codes import STOPPED_EARLY
 
 pytestmark = pytest.mark.launcher
 
@@ -76,7 +76,7 @@ def test_the_slurm_script_body_trains_on_two_one_node_tasks_across_a_deadline_an
     env["PATH"] = f"{stand_ins}:{env['PATH']}"
     first = run_launcher(["bash", "launch/slurm.sbatch", str(config_path)],
                          {**env, "SLURM_JOB_END_TIME": str(int(time.time()))}, TIMEOUT_S)
-    assert first.returncode == EXIT_STOPPED, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == STOPPED_EARLY, first.stdout[-3000:] + first.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text() == "step-1"
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert "within the margin" in first.stderr

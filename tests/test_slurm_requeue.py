@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from debater.stop_request import EXIT_STOPPED
+from debater.core.exit_codes import STOPPED_EARLY
 
 # srun: records its arguments; "preempted" waits until the script passes the warning signal on, then exits as a
 # stopped run does; a number is the exit status of a run that ends by itself
@@ -85,7 +85,7 @@ def _run_job(env: dict, log: Path, outcome: str) -> int:
 
 def test_a_preempted_job_requeues_itself_and_resumes_from_latest_until_the_cap(slurm):
     statuses, sruns, requeued = slurm("preempted", MAX_REQUEUES="2")
-    assert statuses == [EXIT_STOPPED] * 3  # the first run and two requeued ones; the third stop is not requeued
+    assert statuses == [STOPPED_EARLY] * 3  # the first run and two requeued ones; the third stop is not requeued
     assert requeued == ["4242", "4242"]
     assert "resume_from_checkpoint" not in sruns[0]
     assert all(line.endswith("run.json --set resume_from_checkpoint=latest") for line in sruns[1:]), sruns

@@ -1,6 +1,7 @@
 """Invariant 8, second half: a launched run trains in training mode. Through the deepspeed launcher (2 CPU
-ranks), with nothing in the test setting the mode: gradient checkpointing recomputes each layer in backward,
-and LoRA dropout follows the config (it changes the gradients) while checkpointing replays it exactly."""
+ranks), with nothing in the test setting the mode: gradient checkpointing recomputes each layer in backward, and
+LoRA dropout follows the config (it changes the gradients). That the recomputation replays the same dropout masks
+is shown in test_resume.py (a checkpointed resume equals the uninterrupted run without checkpointing)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ def runs(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("training-mode")
     shutil.copytree(FIXTURES / "echo", work / "echo")
     observed = {}
-    for name, checkpointing, dropout in (("checkpointed", True, 0.5), ("plain", False, 0.5),
-                                         ("no_dropout", False, 0.0)):
+    for name, checkpointing, dropout in (("checkpointed", True, 0.5), ("plain_without_dropout", False, 0.0)):
         out = work / name
         out.mkdir()
         config = {"model_name_or_path": str(tiny_model), "dataset_file_path": str(work / "echo"),
@@ -45,15 +45,13 @@ def test_every_forward_of_a_launched_run_is_in_training_mode(runs):
 
 def test_gradient_checkpointing_recomputes_in_a_launched_run(runs):
     # each step encodes queries, then documents: two forwards; checkpointing runs each again in backward
-    assert [rank["calls"] for rank in runs["plain"]["ranks"]] == [2 * STEPS] * 2
+    assert [rank["calls"] for rank in runs["plain_without_dropout"]["ranks"]] == [2 * STEPS] * 2
     assert [rank["calls"] for rank in runs["checkpointed"]["ranks"]] == [4 * STEPS] * 2
-    # and it changes nothing else: the recomputation replays the same dropout masks
-    for step in range(1, STEPS + 1):
-        assert runs["checkpointed"]["loss"][step] == pytest.approx(runs["plain"]["loss"][step], rel=1e-6)
-        assert runs["checkpointed"]["grad_norm"][step] == pytest.approx(runs["plain"]["grad_norm"][step], rel=1e-5)
 
 
 def test_lora_dropout_follows_the_config_in_a_launched_run(runs):
-    # LoRA B starts at zero, so step 1's loss is the base model's either way; its gradient is not
-    assert runs["plain"]["loss"][1] == pytest.approx(runs["no_dropout"]["loss"][1], rel=1e-6)
-    assert runs["plain"]["grad_norm"][1] != pytest.approx(runs["no_dropout"]["grad_norm"][1], rel=1e-3)
+    # LoRA B starts at zero, so step 1's loss is the base model's either way; its gradient is not (checkpointing
+    # alone leaves gradients as they are: test_resume.py)
+    with_dropout, without = runs["checkpointed"], runs["plain_without_dropout"]
+    assert with_dropout["loss"][1] == pytest.approx(without["loss"][1], rel=1e-6)
+    assert with_dropout["grad_norm"][1] != pytest.approx(without["grad_norm"][1], rel=1e-3)
