@@ -181,7 +181,7 @@ def run_part_process(name: str, args: list[str], out: Path, limit: float) -> dic
         try:
             process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            gpu_training.stop_tree(process)
+            gpu_training.stop_trees([process])
             raise TimeoutError(f"{name} ran past its limit of {limit} s and was stopped (see {log})") from None
     if not result.exists():
         tail = log.read_text()[-2000:]
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(out=Path("runs/gpu-check"))  # the folder of report.json and report.md (issue 15)
     parser.add_argument("--smoke", action="store_true", help="the smoke run even when a GPU is present")
     parser.add_argument("--steps", type=int, help="training steps per run (default: 100 on a GPU, 3 in a smoke run)")
+    parser.add_argument("--arms", nargs="+", choices=list(gpu_training.TRAINING_ARMS),
+                        default=list(gpu_training.TRAINING_ARMS), metavar="ARM",
+                        help=f"training arms to run, at once (default: all: {' '.join(gpu_training.TRAINING_ARMS)})")
     parser.add_argument("--gguf", type=Path, help=f"the GGUF to convert (default: the one in {WHEELHOUSE_GGUF}/)")
     parser.add_argument("--training-deadline-s", type=float,
                         help="seconds into the training part at which runs still going are stopped, each once it "
@@ -214,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     report.part("timing", run_part_process, "step_throughput",
                 [*settings["timing_args"], "--model", model, "--port", str(free_port())], args.out / "timing",
                 parts["timing"].limit)
-    arms, limit, started = len(gpu_training.TRAINING_ARMS), parts["training"].limit, time.monotonic()
+    arms, limit, started = len(args.arms), parts["training"].limit, time.monotonic()
     deadline = started + (args.training_deadline_s if args.training_deadline_s is not None
                           else training_deadline(limit, share, arms))
     report.part("training", gpu_training.run, args.out / "training", settings["training"], deadline,
-                started + limit - share.stop - arms * share.export)
+                started + limit - share.stop - arms * share.export, args.arms)
     report.part("evaluation", gpu_training.evaluation, args.out / "training", model, settings["tasks"],
                 settings["eval_args"], parts["evaluation"].limit)
     report.part("throughput", run_part_process, "step_throughput",

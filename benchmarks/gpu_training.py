@@ -33,28 +33,31 @@ def arm_config(arm: str, run: Path, settings: dict) -> dict:
                        settings)
 
 
-def train_arms(out: Path, settings: dict, deadline: float, limit: float) -> dict[str, dict]:
-    """Launch every arm at once. From ``deadline`` (time.monotonic()) on, an arm still running is stopped as soon
-    as it has published a checkpoint, and at ``limit`` whether or not; a stopped arm's last checkpoint is exported
-    at once. Returns each arm's exit code, seconds, log, export seconds and problems."""
+def train_arms(out: Path, settings: dict, deadline: float, limit: float, arms: list[str]) -> dict[str, dict]:
+    """Launch ``arms`` at once. From ``deadline`` (time.monotonic()) on, the arms still running that have published
+    a checkpoint are stopped together, and at ``limit`` every arm whether or not; once all have ended, each
+    stopped arm's last checkpoint is exported (exporting while others still train would let them run on past the
+    deadline). Returns each arm's exit code, seconds, log, export seconds and problems."""
     running = {arm: (start_training(arm_config(arm, out / arm, settings), 1, free_port()), time.monotonic())
-               for arm in TRAINING_ARMS}
+               for arm in arms}
     done = {}
     while running:
         time.sleep(0.5)
         now = time.monotonic()
+        due = [arm for arm, (process, _) in running.items()
+               if process.poll() is None and (now >= limit or (now >= deadline and has_checkpoint(out / arm)))]
+        stop_trees([running[arm][0] for arm in due])
         for arm, (process, start) in list(running.items()):
-            stopped = process.poll() is None and (now >= limit or (now >= deadline and has_checkpoint(out / arm)))
-            if stopped:
-                stop_tree(process)
             if process.poll() is not None:
                 del running[arm]
                 done[arm] = {"exit": process.returncode, "seconds": round(time.monotonic() - start),
                              "log": str(out / f"{arm}.log"), "problems": []}
-                if stopped:
-                    exported = time.monotonic()
-                    done[arm].update(stopped_at_deadline=True, problems=export_latest_checkpoint(out / arm),
-                                     export_s=round(time.monotonic() - exported, 1))
+                if arm in due:
+                    done[arm]["stopped_at_deadline"] = True
+    for arm, launched in done.items():
+        if launched.get("stopped_at_deadline"):
+            exported = time.monotonic()
+            launched.update(problems=export_latest_checkpoint(out / arm), export_s=round(time.monotonic() - exported, 1))
     return done
 
 
@@ -64,23 +67,25 @@ def has_checkpoint(run: Path) -> bool:
     return (run / "checkpoints" / LATEST).exists()
 
 
-def stop_tree(process: subprocess.Popen, grace: float = GPU_TRAINING.stop) -> None:
-    """Stop a launch and every process under it (SIGTERM, then SIGKILL after ``grace`` seconds): the deepspeed
-    runner of a local launch does not pass SIGTERM on to the launcher and the ranks below it."""
+def stop_trees(processes: list[subprocess.Popen], grace: float = GPU_TRAINING.stop) -> None:
+    """Stop launches and every process under them (SIGTERM to all, then SIGKILL to those left after ``grace``
+    seconds): the deepspeed runner of a local launch does not pass SIGTERM on to the launcher and the ranks below
+    it."""
     import psutil
 
-    try:
-        root = psutil.Process(process.pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        processes = []
-    for member in processes:
+    members = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(process.pid)
+            members += [root, *root.children(recursive=True)]
+    for member in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
-    for member in psutil.wait_procs(processes, timeout=grace)[1]:
+    for member in psutil.wait_procs(members, timeout=grace)[1]:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
-    process.wait()
+    for process in processes:
+        process.wait()
 
 
 def adapter_moved(run: Path) -> float:
@@ -165,29 +170,12 @@ def evaluate(models: list[str], tasks: str, out: Path, extra: list[str], timeout
 
 
 def judge(out: Path, arm: str, launched: dict, steps: int) -> dict:
-    """One arm's check; a run stopped at the deadline is judged on the steps it ran, from its last checkpoint."""
+    """One arm's check: a run stopped at the deadline is judged on the steps it ran, from its last checkpoint; one
+    that ended by itself on every step it planned (``steps``, or fewer where its data holds fewer batches)."""
+    from debater.run_folder import BATCH_PLAN
+
     if launched.get("stopped_at_deadline"):
         steps = max(1, len(tensorboard_scalars(out / arm, "train/grad_norm")))
+    elif (out / arm / BATCH_PLAN).exists():
+        steps = min(steps, json.loads((out / arm / BATCH_PLAN).read_text())["batches"])
     return {**launched, **check_run(out / arm, steps, tuple(launched["problems"]))}
-
-
-def run(out: Path, settings: dict, deadline: float, limit: float) -> dict:
-    """The training part: every arm trained (stopped at the deadline), exported, checked; the loss curves plotted."""
-    shutil.rmtree(out, ignore_errors=True)  # runs left by an earlier check would be resumed, not trained
-    out.mkdir(parents=True)
-    launched = train_arms(out, settings, deadline, limit)
-    checks = {arm: judge(out, arm, launched[arm], settings["stop_after_n_steps"]) for arm in TRAINING_ARMS}
-    plot_curves(checks, out / "loss_curves.png")
-    for check in checks.values():
-        check["curves"] = {name: {str(s): round(v, 4) for s, v in curve.items()} for name, curve in check["curves"].items()}
-    return {"arms": checks, "loss_curves": str(out / "loss_curves.png"),
-            "ok": all(check["ok"] for check in checks.values())}
-
-
-def evaluation(out: Path, base_model: str, tasks: str, extra: list[str], timeout: float) -> dict:
-    """The evaluation part: the base model and every arm's adapter on the test set."""
-    labels = {base_model: "base model (untrained)"}
-    labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
-    scores = evaluate(list(labels), tasks, out / "eval", extra, timeout)
-    return {"scores": {labels[model]: values for model, values in scores.items()},
-            "ok": set(scores) == set(labels)}

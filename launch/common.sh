@@ -67,9 +67,10 @@ STOPPED_EARLY=$(python3 -c 'from debater.core.exit_codes import STOPPED_EARLY; p
 # The command that sends SIGTERM to the ranks of the deepspeed launch rendezvousing at ADDR:PORT on this host:
 # the children of its per-host launch.py (no other run on a host can share that address and port). The pattern
 # is anchored at the python that runs launch.py: pdsh, ssh and the remote shells carry the same text in their
-# command lines, and signalling their children would cut the launch's ssh sessions.
+# command lines, and signalling their children would cut the launch's ssh sessions. Nothing to signal (the ranks
+# have ended) is no error.
 ranks_stop_command() {
-  echo "pkill -TERM -P \"\$(pgrep -d, -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_addr=$1 --master_port=$2( |\$)')\""
+  echo "launchers=\$(pgrep -d, -f '^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_addr=$1 --master_port=$2( |\$)'); [ -z \"\$launchers\" ] || pkill -TERM -P \"\$launchers\""
 }
 
 # run_stoppable FORWARD CMD...: run CMD, and on SIGTERM or SIGUSR1 to this script call the function FORWARD (which

@@ -1,4 +1,4 @@
-"""The GPU users' path on CPU: ``ds_configs/zero2_bf16.json`` with bf16 weights, through the deepspeed launcher
+"""The GPU users' path on CPU: ``ds_configs/zero2_bf16.json`` with bf16 weights, launched by torchrun
 (2 ranks). Gradient norms stay finite, the adapter moves, and its step-2 checkpoint resumed equals the uninterrupted
 run; with gradient caching too, whose losses follow the uncached run's to bf16 precision."""
 from __future__ import annotations

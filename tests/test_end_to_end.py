@@ -29,7 +29,7 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
         "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 2, "lora_r": 4, "cod_steps": 4,
         "torch_dtype": "float32", "seed": 7, "do_train": True,
     }
-    done = launch_training(config, work / "config.json", port=29617)
+    done = launch_training(config, work / "config.json", port=29617, launcher="deepspeed")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (work / "launch.log").write_text(done.stdout + done.stderr)
     return work / "run"

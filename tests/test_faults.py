@@ -28,7 +28,7 @@ def diverged(tiny_model, tmp_path_factory):
               "output_dir": str(work / "run"), "learning_rate": 1e30, "warmup_steps": 0,
               "per_device_train_batch_size": 2, "max_seq_length": 32, "stop_after_n_steps": 4, "logging_steps": 1,
               "save_steps": 1, "lora_r": 4, "cod_steps": 4, "torch_dtype": "float32", "seed": 3}
-    return launch_training(config, work / "config.json", free_port(), timeout=480), work / "run"
+    return launch_training(config, work / "config.json", free_port(), timeout=480, launcher="deepspeed"), work / "run"
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(diverged):
@@ -55,7 +55,7 @@ def infinite_gradient(tiny_model, tmp_path_factory):
               "output_dir": str(work / "run"), "scale": 1e30, "warmup_steps": 0, "per_device_train_batch_size": 2,
               "max_seq_length": 32, "stop_after_n_steps": 3, "logging_steps": 1, "save_steps": 1, "lora_r": 4,
               "cod_steps": 4, "torch_dtype": "float32", "seed": 3}
-    return launch_training(config, work / "config.json", free_port(), timeout=480), work / "run"
+    return launch_training(config, work / "config.json", free_port(), timeout=480, launcher="deepspeed"), work / "run"
 
 
 def test_non_finite_gradient_with_finite_loss_stops_instead_of_skipping_every_update(infinite_gradient):

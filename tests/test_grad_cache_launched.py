@@ -1,4 +1,4 @@
-"""Gradient caching through the deepspeed launcher, ZeRO-2 on CPU (issue 14): the reduced gradient DeepSpeed
+"""Gradient caching launched by torchrun, ZeRO-2 on CPU (issue 14): the reduced gradient DeepSpeed
 applies at step 1 and the adapter after 3 steps equal the uncached run's, on 1 and 2 ranks, with the full loss,
 2 hard negatives per query, LoRA dropout, gradient checkpointing and trained step rows all on, and a chunk
 that divides neither side. The cached 1-rank run is held to the uncached 2-rank run: dropout masks are keyed by

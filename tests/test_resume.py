@@ -1,5 +1,6 @@
-"""Exact resume (invariant 6) through the deepspeed launcher, fp32, ZeRO-2 on CPU, LoRA dropout on. The
-uninterrupted 2-rank run is the reference; each of these ends with its adapter, Adam moments and losses:
+"""Exact resume (invariant 6), launched by torchrun (the stopped run and the refused one by the deepspeed launcher,
+whose exit codes and messages are checked), fp32, ZeRO-2 on CPU, LoRA dropout on. The uninterrupted 2-rank run
+is the reference; each of these ends with its adapter, Adam moments and losses:
 - its step-2 checkpoint continued on 2 ranks, with non-reentrant gradient checkpointing (which so changes
   nothing but memory), and continued on 1 rank at the same global batch;
 - a 1-rank run stopped by its job's end time (a fake one, a few steps ahead: tests/paced_deadline.py) at the last
@@ -39,10 +40,10 @@ def runs(tiny_model, tmp_path_factory):
     data = work / "echo"
     shutil.copytree(FIXTURES / "echo", data)
 
-    def launch(name: str, ranks: int, script=None, env=None, **extra):
+    def launch(name: str, ranks: int, script=None, env=None, launcher="torchrun", **extra):
         config = _config(tiny_model, data, work / name, ranks, **extra)
         return launch_training(config, work / f"{name}-{ranks}.json", free_port(), nproc=ranks, script=script,
-                               env=env)
+                               env=env, launcher=launcher)
 
     result = {"work": work, "straight": launch("straight", 2)}
     for name in ("same_ranks", "2to1"):
@@ -51,7 +52,7 @@ def runs(tiny_model, tmp_path_factory):
     result["2to1"] = launch("2to1", 1, resume_from_checkpoint="latest")
     deadline = {"DEADLINE_AHEAD_S": str(AHEAD_S), "STEP_PACE_S": str(PACE_S), "DEADLINE_FILE": str(work / "end")}
     result["stopped"] = launch("1to2", 1, script=ROOT / "tests" / "paced_deadline.py", env=deadline,
-                               stop_safety_s=SAFETY_S)
+                               launcher="deepspeed", stop_safety_s=SAFETY_S)  # its exit code passes through
     latest = work / "1to2" / "checkpoints" / "latest"
     result["stopped_at"], result["published_at"] = latest.read_text(), latest.stat().st_mtime
     result["end"] = float((work / "end.rank0").read_text())
@@ -59,7 +60,7 @@ def runs(tiny_model, tmp_path_factory):
     result["1to2"] = launch("1to2", 2, resume_from_checkpoint="latest")
     result["refused"] = launch_training({**_config(tiny_model, data, work / "other-batch", 1),
                                          "per_device_train_batch_size": 2, "resume_from_checkpoint": "latest"},
-                                        work / "other-batch.json", free_port(), nproc=1)
+                                        work / "other-batch.json", free_port(), nproc=1, launcher="deepspeed")
     for name in ("straight", *RESUMED):
         done = result[name]
         assert done.returncode == 0, name + "\n" + done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Invariant 8, second half: a launched run trains in training mode. Through the deepspeed launcher (2 CPU
+"""Invariant 8, second half: a launched run trains in training mode. Launched by torchrun (2 CPU
 ranks), with nothing in the test setting the mode: gradient checkpointing recomputes each layer in backward, and
 LoRA dropout follows the config (it changes the gradients). That the recomputation replays the same dropout masks
 is shown in test_resume.py (a checkpointed resume equals the uninterrupted run without checkpointing)."""
