@@ -179,3 +179,25 @@ def judge(out: Path, arm: str, launched: dict, steps: int) -> dict:
     elif (out / arm / BATCH_PLAN).exists():
         steps = min(steps, json.loads((out / arm / BATCH_PLAN).read_text())["batches"])
     return {**launched, **check_run(out / arm, steps, tuple(launched["problems"]))}
+
+
+def run(out: Path, settings: dict, deadline: float, limit: float, arms: list[str]) -> dict:
+    """The training part: ``arms`` trained (stopped at the deadline), exported, checked; the loss curves plotted."""
+    shutil.rmtree(out, ignore_errors=True)  # runs left by an earlier check would be resumed, not trained
+    out.mkdir(parents=True)
+    launched = train_arms(out, settings, deadline, limit, arms)
+    checks = {arm: judge(out, arm, launched[arm], settings["stop_after_n_steps"]) for arm in arms}
+    plot_curves(checks, out / "loss_curves.png")
+    for check in checks.values():
+        check["curves"] = {name: {str(s): round(v, 4) for s, v in curve.items()} for name, curve in check["curves"].items()}
+    return {"arms": checks, "loss_curves": str(out / "loss_curves.png"),
+            "ok": all(check["ok"] for check in checks.values())}
+
+
+def evaluation(out: Path, base_model: str, tasks: str, extra: list[str], timeout: float) -> dict:
+    """The evaluation part: the base model and the adapter of every arm trained on the test set."""
+    labels = {base_model: "base model (untrained)"}
+    labels.update({str(out / arm): arm for arm in TRAINING_ARMS if (out / arm / "adapter").exists()})
+    scores = evaluate(list(labels), tasks, out / "eval", extra, timeout)
+    return {"scores": {labels[model]: values for model, values in scores.items()},
+            "ok": set(scores) == set(labels)}
