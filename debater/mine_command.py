@@ -183,7 +183,6 @@ def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[
     """The row's negatives and sidecar record after the shortfall policy (None: the row is skipped)."""
     picked = [{"text": pool[d], "id": None if pool_ids is None else pool_ids[d], "score": round(s, 6), "rank": rank,
                "how": "mined"} for d, s, rank in chosen.chosen]
-    stats["kept"] += [s for _, s, _ in chosen.chosen]
     if len(picked) < settings.k:
         entry["short"] += 1
         reason = "empty_pool" if len(own) == len(pool) else "short_of_k"  # empty: nothing but its positives
@@ -196,7 +195,6 @@ def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[
                                        settings, rng):
                 picked.append({"text": pool[d], "id": None if pool_ids is None else pool_ids[d],
                                "score": round(s, 6), "rank": None, "how": "filled"})
-                stats["kept"].append(s)
                 entry["shortfall"]["filled"] += 1
         else:  # keep: topped up with the row's given negatives
             for text in row.negatives:
@@ -206,6 +204,7 @@ def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[
         if not picked:
             entry["shortfall"][f"skipped_{reason}"] += 1
             return None
+    stats["kept"] += [p["score"] for p in picked if p["score"] is not None]
     record = {"line": row.line, "positive_score": round(positive_score, 6),
               "negatives": [{k: v for k, v in p.items() if k != "text"} for p in picked]}
     return [p["text"] for p in picked], record
