@@ -21,7 +21,7 @@ import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,36 +126,66 @@ def _own_positives(rows, position: dict[str, int], normalised: dict[str, list[in
     return [found[row.query] for row in rows]
 
 
-def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list[str]] | None,
-              encoder: CachedEncoder, settings: MiningSettings, chunk: int, work: Path) -> dict:
-    """Mine one echo file into ``work`` (its rows, and its scores sidecar); return its manifest entry."""
+@dataclass
+class EncodedFile:
+    """One echo file's valid rows, its pool, and their embeddings as the model retrieves."""
+
+    rows: list
+    counts: ReadCounts
+    pool: list[str]
+    pool_ids: list[str] | None
+    position: dict[str, int]  # text -> its row in ``documents`` (the pool first, then other positives)
+    own: list[tuple[set[int], set[int]]]  # per row: own positives in the pool, by identity and by normalised text
+    documents: np.ndarray | None = None
+    queries: np.ndarray | None = None
+
+    @property
+    def pool_vectors(self) -> np.ndarray:
+        return self.documents[:len(self.pool)]
+
+    def depth(self, settings: MiningSettings) -> int:
+        """How far each ranking must be searched to reach the window's end once own positives are removed."""
+        return min(len(self.pool), settings.rank_window[1] + max(len(a) + len(b) for a, b in self.own))
+
+
+def encode_file(path: Path, instructions: list[str], corpus: tuple[list[str], list[str]] | None,
+                encoder: CachedEncoder) -> EncodedFile:
+    """Read one echo file and embed its queries and pool (nothing is encoded when it has no valid row)."""
     counts = ReadCounts()
     rows = list(read_rows(path, counts, negative_required=False))
     if corpus is None:
         pool_ids, pool = None, list(dict.fromkeys(t for row in rows for t in (row.positive, *row.negatives)))
     else:
         pool_ids, pool = corpus
-    texts = list(dict.fromkeys([*pool, *(row.positive for row in rows)]))  # the pool first, then other positives
+    texts = list(dict.fromkeys([*pool, *(row.positive for row in rows)]))
     position = {text: i for i, text in enumerate(texts)}
     normalised: dict[str, list[int]] = defaultdict(list)
     for i, text in enumerate(pool):
         normalised[normalise_text(text)].append(i)
+    encoded = EncodedFile(rows, counts, pool, pool_ids, position, _own_positives(rows, position, normalised, len(pool)))
+    if rows:
+        encoded.documents = encoder.documents(texts)
+        encoded.queries = _query_vectors(rows, instructions, encoder)
+    return encoded
+
+
+def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list[str]] | None,
+              encoder: CachedEncoder, settings: MiningSettings, chunk: int, work: Path) -> dict:
+    """Mine one echo file into ``work`` (its rows, and its scores sidecar); return its manifest entry."""
+    encoded = encode_file(path, instructions, corpus, encoder)
+    rows, counts, pool, pool_ids, own = encoded.rows, encoded.counts, encoded.pool, encoded.pool_ids, encoded.own
     entry = {"excluded": Counter(own_positive=0, own_positive_text=0), "dropped": Counter({f: 0 for f in FILTERS}),
              "short": 0, "shortfall": Counter()}
     stats: dict[str, list[float]] = {"positive": [], "kept": [], "dropped": []}
     results: dict[int, tuple[list[str], dict]] = {}
     if rows:
-        documents = encoder.documents(texts)
-        queries = _query_vectors(rows, instructions, encoder)
-        own = _own_positives(rows, position, normalised, len(pool))
-        pool_vectors = documents[:len(pool)]
-        depth = min(len(pool), settings.rank_window[1] + max(len(a) + len(b) for a, b in own))
+        queries, pool_vectors = encoded.queries, encoded.pool_vectors
         index = Index.in_memory(list(range(len(pool))), pool_vectors, encoder.model)
-        for r, hits in search_in_chunks(index, queries, depth, chunk, f"mining {path.name}"):
+        for r, hits in search_in_chunks(index, queries, encoded.depth(settings), chunk, f"mining {path.name}"):
             row, (same, alike) = rows[r], own[r]
             entry["excluded"]["own_positive"] += len(same)
             entry["excluded"]["own_positive_text"] += len(alike)
-            positive_score = float(scores(queries[r], documents[position[row.positive]][None])[0])
+            positive_score = float(scores(queries[r], encoded.documents[encoded.position[row.positive]][None])[0])
             rng = np.random.default_rng([settings.seed, zlib.crc32(path.name.encode()), row.line])
             chosen = select(hits, same | alike, positive_score, settings, rng)
             entry["dropped"].update(chosen.drops)
