@@ -158,6 +158,16 @@ def reload(out: Path):
     return rows, side, json.loads((out / "mining" / "manifest.json").read_text())
 
 
+def valid_rows(data: Path) -> tuple[list[dict], list[str], dict[str, set[str]]]:
+    """The rows of the data with a positive, their pool (positives and negatives) and each query's positives."""
+    valid = [json.loads(line) for line in (data / "tiny_retrieval.jsonl").read_text().splitlines()
+             if line.startswith("{\"") and "positive" in line]
+    positives_of: dict[str, set[str]] = {}
+    for row in valid:
+        positives_of.setdefault(row["query"], set()).add(row["positive"])
+    return valid, list(dict.fromkeys(t for r in valid for t in [r["positive"], r["negative"]])), positives_of
+
+
 def model_scores(tiny_model, rows: list[dict], pool: list[str]) -> np.ndarray:
     from debater.retriever import Retriever
 
@@ -168,13 +178,8 @@ def model_scores(tiny_model, rows: list[dict], pool: list[str]) -> np.ndarray:
 def test_scores_are_the_models_own_and_own_positives_never_come_back(mined, tiny_model):
     data, outs = mined
     rows, side, manifest = reload(outs["keep"])
-    valid = [json.loads(line) for line in (data / "tiny_retrieval.jsonl").read_text().splitlines()
-             if line.startswith("{\"") and "positive" in line]
-    pool = list(dict.fromkeys(t for r in valid for t in [r["positive"], r["negative"]]))
+    valid, pool, positives_of = valid_rows(data)
     matrix = model_scores(tiny_model, rows, pool)
-    positives_of = {}
-    for r in valid:
-        positives_of.setdefault(r["query"], set()).add(r["positive"])
     for r, (row, record) in enumerate(zip(rows, side)):
         assert record["positive_score"] == pytest.approx(matrix[r, pool.index(row["positive"])], abs=1e-5)
         for text, negative in zip(row["negative"], record["negatives"]):
@@ -190,16 +195,12 @@ def test_scores_are_the_models_own_and_own_positives_never_come_back(mined, tiny
 
 def test_shortfall_policies_and_manifest_arithmetic(mined, tiny_model):
     data, outs = mined
-    keep_rows, keep_side, keep = reload(outs["keep"])
-    valid = [json.loads(line) for line in (data / "tiny_retrieval.jsonl").read_text().splitlines()
-             if line.startswith("{\"") and "positive" in line]
-    pool = list(dict.fromkeys(t for r in valid for t in [r["positive"], r["negative"]]))
+    keep_rows, keep_side, _ = reload(outs["keep"])
+    valid, pool, positives_of = valid_rows(data)
     matrix = model_scores(tiny_model, valid, pool)
     settings = MiningSettings(k=3, relative_margin=1.3, max_score=0.3, rank_window=(2, 5))
-    positives_of = {}
-    for r in valid:
-        positives_of.setdefault(r["query"], set()).add(normalise_text(r["positive"]))
-    own = [{d for d, text in enumerate(pool) if normalise_text(text) in positives_of[r["query"]]} for r in valid]
+    own = [{d for d, text in enumerate(pool) if normalise_text(text) in {normalise_text(p) for p in
+                                                                          positives_of[r["query"]]}} for r in valid]
     expected = reference(matrix, own, [matrix[i, pool.index(r["positive"])] for i, r in enumerate(valid)], settings)
     short = sum(len(chosen) < 3 for chosen, _, _ in expected)
     assert 0 < short < len(valid)  # the settings leave some rows short, not all
@@ -277,6 +278,7 @@ def test_empty_pool_is_a_counted_skip(tiny_model, tmp_path):
 
 def test_bad_input_is_one_line(tiny_model, tmp_path, caplog):
     data = echo_folder(tmp_path / "data", [])
+    (tmp_path / "c").mkdir()  # the cache folder: a folder this command did not write
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_model, folder)
     settings = {"doc_mode": "step_tokens", "cod_steps": 2, "step_tokens": ["<step_1>", "<step_2>"]}
@@ -287,6 +289,9 @@ def test_bad_input_is_one_line(tiny_model, tmp_path, caplog):
         "missing corpus": (["--model", str(tiny_model), "--out", str(tmp_path / "o2"), "--corpus",
                             str(tmp_path / "none.jsonl")], "none.jsonl does not exist"),
         "out is the data": (["--model", str(tiny_model), "--out", str(data)], "is the input folder"),
+        "out exists": (["--model", str(tiny_model), "--out", str(tmp_path / "c")], "already exists"),
+        "out not ours": (["--model", str(tiny_model), "--out", str(tmp_path / "c"), "--overwrite"],
+                         "not a folder this command wrote"),
         "window": (["--model", str(tiny_model), "--out", str(tmp_path / "o3"), "--rank-window", "5", "2"],
                    "rank window"),
     }
