@@ -119,7 +119,7 @@ bench: assets
 	$(PY) -m benchmarks train_step --out $(BENCH)/train_step
 	$(PY) -m benchmarks trainer --out $(BENCH)/trainer
 	$(PY) -m benchmarks encoding --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding
-	$(PY) -m benchmarks mining --rows 500 --out $(BENCH)/mining
+	$(PY) -m benchmarks mining --rows 500 --minilm --out $(BENCH)/mining
 	$(PY) -m benchmarks view_signal --out $(BENCH)/view_signal
 	$(PY) -m benchmarks checkpointing_memory --out $(BENCH)/checkpointing_memory
 	$(PY) -m benchmarks dropout_cost --out $(BENCH)/dropout_cost
