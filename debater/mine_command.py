@@ -82,7 +82,7 @@ class CachedEncoder:
             digest.update(text.encode("utf-8") + b"\0")
         path = self.cache / f"{kind}-{digest.hexdigest()}.npy"
         if path.exists():
-            log.info("%d %s embeddings from the cache (%s)", len(texts), kind, path.name)
+            log.info("embeddings of %d %s from the cache (%s)", len(texts), kind, path.name)
             return np.load(path)
         vectors = compute()
         def save(tmp: Path) -> None:
