@@ -32,19 +32,26 @@ $(error make preprocess DATA=$(DATA): give OUT=folder for its shards (without it
 endif
 endif
 endif
+ifneq ($(filter mine,$(MAKECMDGOALS)),)
+ifeq ($(and $(call given,MODEL),$(call given,DATA),$(call given,OUT)),)
+$(error make mine: name the model, the echo-data and a new folder, e.g. make mine MODEL=runs/demo DATA=$(DEBIAN_DIR)/echo-data OUT=runs/mined [NEG=4] [ARGS="--relative-margin 0.95"])
+endif
+endif
 ifneq ($(filter eval,$(MAKECMDGOALS)),)
 ifeq ($(call given,MODEL),)
 $(error make eval: name the models to evaluate, e.g. make eval MODEL="$(MODEL_DIR) runs/demo" (add EVAL_ARGS="$(DEMO_EVAL)" for the demo's quick subset; without it the whole test set is encoded))
 endif
 endif
 
-.PHONY: help setup assets preprocess train eval export demo test test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
+.PHONY: help setup assets preprocess mine train eval export demo test test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
 
 help:
 	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
 	@echo "  setup          .venv with the pinned packages [VENV]"
 	@echo "  assets         embedded model and Debian data into assets/"
 	@echo "  preprocess     echo-data -> Arrow shards [DATA, OUT, MODEL, CONFIG, MINE=K for K BM25 negatives]"
+	@echo "  mine           hard negatives mined by a model, positive-aware: echo-data -> echo-data"
+	@echo "                 [MODEL, DATA, OUT, NEG=k negatives per query, ARGS=\"--shortfall fill ...\"]"
 	@echo "  train          DeepSpeed ZeRO-2 training on this machine [CONFIG, NPROC, TRAIN_ARGS=\"--set KEY=VALUE\"]"
 	@echo "  eval           MTEB retrieval metrics [MODEL=\"a b\", TASKS, OUT, EVAL_ARGS]"
 	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1,"
@@ -74,6 +81,9 @@ assets: setup
 
 preprocess: setup
 	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG) $(if $(MINE),--mine-bm25 $(MINE))
+
+mine: setup
+	$(PY) -m debater mine --model $(MODEL) --data $(DATA) --out $(OUT) $(if $(NEG),--negatives $(NEG)) $(ARGS)
 
 train: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH launch/single_node.sh $(CONFIG) $(NPROC) $(TRAIN_ARGS)
@@ -109,6 +119,7 @@ bench: assets
 	$(PY) -m benchmarks train_step --out $(BENCH)/train_step
 	$(PY) -m benchmarks trainer --out $(BENCH)/trainer
 	$(PY) -m benchmarks encoding --texts $(DEBIAN_DIR)/test/corpus.jsonl --n 64 --max-length 512 --out $(BENCH)/encoding
+	$(PY) -m benchmarks mining --rows 500 --minilm --out $(BENCH)/mining
 	$(PY) -m benchmarks view_signal --out $(BENCH)/view_signal
 	$(PY) -m benchmarks checkpointing_memory --out $(BENCH)/checkpointing_memory
 	$(PY) -m benchmarks dropout_cost --out $(BENCH)/dropout_cost

@@ -10,7 +10,10 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from debater.core.cli_support import EMBEDDED_MODEL
@@ -75,3 +78,27 @@ def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
         if tag in events.Tags()["scalars"]:
             values.update({e.step: e.value for e in events.Scalars(tag)})
     return values
+
+
+def measured_run(command: list[str]) -> tuple[float, float, str]:
+    """Run ``command``: (peak of the summed RSS of it and all its children in MiB, sampled every 50 ms; its wall
+    seconds; its stdout). Its stderr is dropped unless it fails."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        parent, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if process.returncode:
+            raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}: {err.read()[-2000:]}")
+        return peak / 2**20, seconds, out.read()

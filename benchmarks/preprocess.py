@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_parser, write_result
+from benchmarks.common import benchmark_parser, measured_run, write_result
 from data_pipeline.registry import DATASETS_FILE_NAME, instructions_for, load_extra_instructions
 from debater.core.prompts import EncodingSettings
 
@@ -115,24 +114,6 @@ def speed(args) -> dict:
     }
 
 
-def peak_rss_mb(command: list[str]) -> float:
-    """Peak of the summed RSS of a command and all its children, sampled every 50 ms."""
-    import psutil
-
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}")
-    return peak / 2**20
-
-
 def memory(args) -> dict:
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +122,7 @@ def memory(args) -> dict:
             command = [sys.executable, "-m", "data_pipeline", "preprocess", "--data", str(path.parent),
                        "--out", str(Path(tmp) / f"out-{rows}"), "--model", args.model,
                        "--max-seq-length", str(args.max_length), "--query-max-length", str(args.max_length)]
-            result[str(rows)] = round(peak_rss_mb(command))
+            result[str(rows)] = round(measured_run(command)[0])
     return {"peak_rss_mb": result}
 
 

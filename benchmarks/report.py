@@ -11,7 +11,8 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR
 
 # each against its baseline in one run on one machine; view_signal.json is a diagnostic, reported apart
-SPEED = ("preprocess", "train_step", "trainer", "encoding", "checkpointing_memory", "grad_cache", "grad_cache_global64")
+SPEED = ("preprocess", "train_step", "trainer", "encoding", "mining", "checkpointing_memory", "grad_cache",
+         "grad_cache_global64")
 
 
 def speed_lines(results: dict[str, dict]) -> list[str]:

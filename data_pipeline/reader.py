@@ -59,8 +59,9 @@ def _text_field(obj: dict, name: str) -> str | None | Skip:
     return value
 
 
-def parse_line(text: str, line: int) -> Row | Skip:
-    """Validate one jsonl line."""
+def parse_line(text: str, line: int, negative_required: bool = True) -> Row | Skip:
+    """Validate one jsonl line (``negative_required`` False: a row without a ``negative`` field has none, as
+    rows that negatives are mined for may)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
@@ -76,7 +77,8 @@ def parse_line(text: str, line: int) -> Row | Skip:
             return Skip(line, value.reason)
         values[name] = value
     if "negative" not in obj:
-        return Skip(line, "negative_missing")
+        return Row(line, values["query"], values["positive"], []) if not negative_required \
+            else Skip(line, "negative_missing")
     negative = obj["negative"]
     negatives = negative if isinstance(negative, list) else [negative]
     if not negatives:
@@ -100,7 +102,8 @@ def _lines(path: Path, piece: Piece | None) -> Iterator[tuple[int, bytes]]:
             yield piece.first_line + index, handle.readline()
 
 
-def read_rows(path: Path, counts: ReadCounts, strict: bool = False, piece: Piece | None = None) -> Iterator[Row]:
+def read_rows(path: Path, counts: ReadCounts, strict: bool = False, piece: Piece | None = None,
+              negative_required: bool = True) -> Iterator[Row]:
     """Yield valid rows of ``path`` (or of one piece of it); update ``counts`` for every line read.
 
     Blank lines are not rows and are not counted. With ``strict`` the first
@@ -112,7 +115,7 @@ def read_rows(path: Path, counts: ReadCounts, strict: bool = False, piece: Piece
             continue
         counts.read += 1
         try:
-            result = parse_line(raw.decode("utf-8"), line_no)
+            result = parse_line(raw.decode("utf-8"), line_no, negative_required)
         except UnicodeDecodeError:
             result = Skip(line_no, "not_utf8")
         if isinstance(result, Row):

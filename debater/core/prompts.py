@@ -69,6 +69,23 @@ def _single_id(tokenizer, token: str) -> int | None:
     return ids[0] if encoded == [ids[0]] else None
 
 
+def step_tokens_unusable(tokenizer, settings: EncodingSettings) -> str | None:
+    """Why ``settings.step_tokens`` are not ``cod_steps`` distinct single ids of ``tokenizer`` (None: they are, or
+    the format has no step tokens): what a saved model's ``debater.json`` and tokenizer must agree on."""
+    if settings.doc_mode != "step_tokens":
+        return None
+    tokens, k = settings.step_tokens, settings.cod_steps
+    if len(tokens) != k:
+        return f"{len(tokens)} step tokens for cod_steps={k}"
+    ids = [_single_id(tokenizer, t) for t in tokens]
+    missing = [t for t, i in zip(tokens, ids) if i is None]
+    if missing:
+        return f"the step tokens {missing} are not single tokens of its tokenizer"
+    if len(set(ids)) != k:
+        return f"the step tokens {tokens} are not {k} distinct token ids"
+    return None
+
+
 def existing_step_candidates(k: int) -> list[list[str]]:
     """Families of existing tokens that no ordinary text produces, in order of preference: MiniCPM's
     ``<reserved_12>``.. (the released code's choice), Llama 3's and Gemma's reserved rows, then StarCoder-style
