@@ -10,7 +10,9 @@ one-process run, a W-rank run, a chunked re-forward and a checkpointed recomputa
 
 ``keep_mask`` is the reference: plain torch, int64 tensors of the input's size. Training runs a fused kernel
 instead (C on the CPU, see keyed_dropout_cpu.py; ``masked`` compiled to Triton on CUDA): each element's bit is
-hashed inside the kernel that applies it, forward and backward, with the same bits as the reference.
+hashed inside the kernel that applies it, forward and backward, with the same bits as the reference. Inside a
+PEFT model the mask is applied within LoRA A's own op (``KeyedDropoutLoraA``), which keeps the undropped input
+for backward, as LoRA A does without dropout, rather than a dropped copy of every adapted projection's input.
 """
 from __future__ import annotations
 
@@ -141,6 +143,34 @@ class FusedKeyedDropout(torch.autograd.Function):
         return ctx.kernel(grad, rows, features, ctx.threshold, ctx.scale), None, None, None, None, None
 
 
+class FusedKeyedDropoutLinear(torch.autograd.Function):
+    """y = (x * keep * scale) @ W^T for LoRA A. Backward recomputes the dropped input from x and the row and
+    feature hashes for W's gradient, and applies the mask to x's: it keeps x, the tensor a LoRA A without
+    dropout keeps too (shared by the projections that read the same input), instead of a dropped copy per
+    projection."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, features, threshold, scale, kernel):
+        ctx.save_for_backward(hidden, weight, rows, features)
+        ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
+        return nn.functional.linear(kernel(hidden.detach(), rows, features, threshold, scale), weight.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, weight, rows, features = ctx.saved_tensors
+
+        def mask(values: torch.Tensor) -> torch.Tensor:
+            return ctx.kernel(values, rows, features, ctx.threshold, ctx.scale)
+
+        grad_hidden = mask(grad.matmul(weight)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            dropped = mask(hidden)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
 class KeyedDropout(nn.Module):
     """Inverted dropout with probability ``p``; ``salt`` tells this layer's masks apart from the others'."""
 
@@ -150,6 +180,7 @@ class KeyedDropout(nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p, self.salt, self.text_keys = p, salt, text_keys
         self.threshold = round(p * 2 ** _KEEP_BITS)
+        self._hash_cache: dict[tuple, torch.Tensor] = {}  # (what, size, device) -> its int32 hashes
 
     def hashes(self, keys: torch.Tensor, length: int, features: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,21 +199,43 @@ class KeyedDropout(nn.Module):
         bits = mix32(positions[..., None] ^ feature)                                  # [n, L, F]
         return (bits >> (32 - _KEEP_BITS)) >= self.threshold
 
+    def keys_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The text keys of this training forward, or None where no keyed mask applies (eval, p = 0, or a caller
+        that names no texts)."""
+        keys = self.text_keys.current if self.training and self.p > 0.0 else None
+        if keys is not None and (hidden.dim() != 3 or keys.shape[0] != hidden.shape[0]):
+            raise ValueError(f"KeyedDropout got {keys.shape[0]} text keys for an input of shape "
+                             f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
+        return keys
+
+    def _cached(self, what: str, size: int, device: torch.device, salt: int) -> torch.Tensor:
+        """The int32 hashes of 0..size-1 (features, or positions from the end), computed once per size and device:
+        every forward of a layer would otherwise hash the same ranges again."""
+        key = (what, size, device)
+        if key not in self._hash_cache:
+            indices = torch.arange(size, device=device) if what == "features" else torch.arange(
+                size - 1, -1, -1, device=device)
+            self._hash_cache[key] = hash_keys(indices, salt)
+        return self._hash_cache[key]
+
+    def kernel_arguments(self, keys: torch.Tensor, hidden: torch.Tensor) -> tuple:
+        """(rows, features, threshold, scale) for the fused kernels: the same hashes as ``hashes``, as int32."""
+        device = hidden.device
+        positions = mix32(hash_keys(keys.to(device), self.salt)[:, None]
+                          ^ self._cached("positions", hidden.shape[1], device, self.salt + 1)[None])
+        features = self._cached("features", hidden.shape[2], device, self.salt + 2)
+        return as_int32_bits(positions), as_int32_bits(features), self.threshold, 1.0 / (1.0 - self.p)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return hidden
-        keys = self.text_keys.current
+        keys = self.keys_for(hidden)
         if keys is None:  # a caller that names no texts (a user's own loop) gets ordinary dropout
             return nn.functional.dropout(hidden, self.p, training=True)
-        if hidden.dim() != 3 or keys.shape[0] != hidden.shape[0]:
-            raise ValueError(f"KeyedDropout got {keys.shape[0]} text keys for an input of shape "
-                             f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
         kernel = fused_kernel(hidden)
         if kernel is None:
             return self.reference(hidden, keys)
-        positions, feature = self.hashes(keys, hidden.shape[1], hidden.shape[2], hidden.device)
-        return FusedKeyedDropout.apply(hidden, as_int32_bits(positions), as_int32_bits(feature), self.threshold,
-                                       1.0 / (1.0 - self.p), kernel)
+        return FusedKeyedDropout.apply(hidden, *self.kernel_arguments(keys, hidden), kernel)
 
     def reference(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The training forward as the spec computes it: the reference mask times ``hidden``, rescaled."""
@@ -193,9 +246,26 @@ class KeyedDropout(nn.Module):
         return f"p={self.p}, salt={self.salt}"
 
 
+class KeyedDropoutLoraA(nn.Linear):
+    """PEFT's LoRA A projection (an ``nn.Linear`` whose class ``install_keyed_dropout`` swaps for this one, so its
+    weight and state-dict keys stay as they are) with the layer's keyed dropout applied inside its op."""
+
+    keyed_dropout: KeyedDropout
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        keys = self.keyed_dropout.keys_for(hidden)
+        kernel = fused_kernel(hidden) if keys is not None else None
+        if kernel is None or self.bias is not None:
+            return super().forward(self.keyed_dropout(hidden))
+        return FusedKeyedDropoutLinear.apply(hidden, self.weight, *self.keyed_dropout.kernel_arguments(keys, hidden),
+                                             kernel)
+
+
 def install_keyed_dropout(model: nn.Module, seed: int, text_keys: TextKeys) -> None:
     """Replace every LoRA dropout of a PEFT model by a KeyedDropout (same p, one salt per layer, from
-    ``seed``) reading ``text_keys``, which the encoder fills before each forward."""
+    ``seed``) reading ``text_keys``, which the encoder fills before each forward. Where LoRA A is a plain
+    ``nn.Linear`` the dropout moves inside it (``KeyedDropoutLoraA``) and PEFT's dropout slot becomes the
+    identity."""
     layer = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -204,5 +274,12 @@ def install_keyed_dropout(model: nn.Module, seed: int, text_keys: TextKeys) -> N
         for adapter, dropout in dropouts.items():
             if isinstance(dropout, nn.Dropout):
                 salt = int(hash_keys(torch.tensor([seed * 1_000_003 + layer]), 0x5EED)[0])
-                dropouts[adapter] = KeyedDropout(dropout.p, salt, text_keys)
+                keyed = KeyedDropout(dropout.p, salt, text_keys)
+                lora_a = module.lora_A[adapter]
+                if type(lora_a) is nn.Linear:
+                    lora_a.__class__ = KeyedDropoutLoraA
+                    lora_a.keyed_dropout = keyed
+                    dropouts[adapter] = nn.Identity()
+                else:
+                    dropouts[adapter] = keyed
                 layer += 1

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.fused_dropout_check import CASES, as_bits, fused_dropout_equality
+from benchmarks.fused_dropout_check import CASES, as_bits, fused_dropout_equality, random_input
 from debater import keyed_dropout_cpu
-from debater.keyed_dropout import KeyedDropout, TextKeys, as_int32_bits, install_keyed_dropout, masked
+from debater.keyed_dropout import (KeyedDropout, KeyedDropoutLoraA, TextKeys, as_int32_bits, install_keyed_dropout,
+                                   masked)
 
 
 def _dropout(p: float = 0.25, salt: int = 7) -> KeyedDropout:
@@ -60,11 +61,59 @@ def test_install_replaces_every_lora_dropout_with_its_own_salt():
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.1, target_modules=["0", "2"]))
+    names = set(model.state_dict())
     install_keyed_dropout(model, seed=3, text_keys=TextKeys())
     keyed = [m for m in model.modules() if isinstance(m, KeyedDropout)]
     assert len(keyed) == 2 and all(m.p == 0.1 for m in keyed)
     assert len({m.salt for m in keyed}) == 2
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    # the dropout moved inside LoRA A, whose weights keep their names
+    lora_a = [m for m in model.modules() if isinstance(m, KeyedDropoutLoraA)]
+    assert [m.keyed_dropout for m in lora_a] == keyed and set(model.state_dict()) == names
+
+
+def _lora_a(width: int, rank: int, p: float, dtype: torch.dtype) -> KeyedDropoutLoraA:
+    """A LoRA A projection as install_keyed_dropout leaves it."""
+    lora_a = torch.nn.Linear(width, rank, bias=False, dtype=dtype)
+    lora_a.__class__ = KeyedDropoutLoraA
+    lora_a.keyed_dropout = _dropout(p, salt=0xABC)
+    return lora_a.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, layout", [((3, 7, 5), "contiguous"), ((4, 33, 577), "contiguous"),
+                                           ((4, 9, 70), "strided"), ((3, 11, 65), "sliced")])
+def test_lora_a_with_the_dropout_inside_equals_dropout_then_linear(shape, layout, dtype):
+    """Forward bit for bit; gradients as autograd gives them for the reference's dropped input and a plain linear
+    (the same products, summed by another matmul call: to rounding)."""
+    generator = torch.Generator().manual_seed(1)
+    lora_a = _lora_a(shape[2], 8, 1 / 3, dtype)
+    keys = torch.tensor([5, 900, 1 << 40, 2**63 - 1][:shape[0]])
+    hidden = random_input(shape, layout, generator).to(dtype).requires_grad_()
+    upstream = torch.randn(*shape[:2], 8, generator=generator).to(dtype)
+    with lora_a.keyed_dropout.text_keys.use(keys):
+        fused = lora_a(hidden)
+    assert type(fused.grad_fn).__name__ == "FusedKeyedDropoutLinearBackward"
+    reference = torch.nn.functional.linear(lora_a.keyed_dropout.reference(hidden, keys), lora_a.weight)
+    assert torch.equal(as_bits(fused), as_bits(reference))
+    got = torch.autograd.grad(fused, [hidden, lora_a.weight], upstream)
+    want = torch.autograd.grad(reference, [hidden, lora_a.weight], upstream)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for name, a, b in zip(("input", "weight"), got, want):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
+
+
+def test_lora_a_with_the_dropout_inside_keeps_its_input_not_a_dropped_copy():
+    """What LoRA A without dropout keeps (its input, shared with the other projections that read it), plus the
+    small hashes and its own weight: no new tensor of the input's size."""
+    lora_a, saved = _lora_a(96, 4, 0.1, torch.float32), []
+    hidden = torch.randn(6, 40, 96, requires_grad=True)
+    with lora_a.keyed_dropout.text_keys.use(torch.arange(6)), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        lora_a(hidden)
+    large = [t for t in saved if t.numel() >= hidden.numel()]
+    assert len(large) == 1 and large[0].data_ptr() == hidden.data_ptr()
+    assert max(t.numel() for t in saved if t.data_ptr() != hidden.data_ptr()) == 96 * 4
 
 
 def test_the_fused_cpu_kernel_equals_the_reference_bit_for_bit_forward_and_backward():
@@ -94,16 +143,21 @@ def test_backward_keeps_no_tensor_of_the_input_size():
     assert saved and max(t.numel() for t in saved) == 6 * 40 and all(t.dtype == torch.int32 for t in saved)
 
 
-def test_checkpoint_recomputation_gives_the_same_gradients():
+@pytest.mark.parametrize("inside_lora_a", [False, True])
+def test_checkpoint_recomputation_gives_the_same_gradients(inside_lora_a):
     torch.manual_seed(0)
     text_keys = TextKeys()
-    layer = torch.nn.Sequential(KeyedDropout(0.5, 11, text_keys), torch.nn.Linear(24, 24)).train()
+    layer = torch.nn.Sequential(KeyedDropout(0.5, 11, text_keys), torch.nn.Linear(24, 24, bias=False)).train()
+    if inside_lora_a:
+        layer[1].__class__, layer[1].keyed_dropout, layer[0] = KeyedDropoutLoraA, layer[0], torch.nn.Identity()
     hidden = torch.randn(3, 8, 24, requires_grad=True)
     grads = []
     for checkpointed in (False, True):
         with text_keys.use(torch.tensor([4, 8, 15])):
             out = (checkpoint(layer, hidden, use_reentrant=False, context_fn=text_keys.checkpoint_contexts)
                    if checkpointed else layer(hidden))
+        if inside_lora_a and not checkpointed:
+            assert type(out.grad_fn).__name__ == "FusedKeyedDropoutLinearBackward"
         grads.append(torch.autograd.grad(out.square().sum(), [hidden, layer[1].weight]))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
