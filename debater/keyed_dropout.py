@@ -180,16 +180,24 @@ class KeyedDropout(nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p, self.salt, self.text_keys = p, salt, text_keys
         self.threshold = round(p * 2 ** _KEEP_BITS)
-        self._hash_cache: dict[tuple, torch.Tensor] = {}  # (what, size, device) -> its int32 hashes
+        self._hash_cache: dict[tuple, torch.Tensor] = {}  # (size, from_end, device) -> hash_keys of the range
 
     def hashes(self, keys: torch.Tensor, length: int, features: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The hashes of each (text, position) [n, length] and of each feature [features], on ``device``: an
         element's keep bit is ``mix32`` of their xor."""
-        rows = hash_keys(keys.to(device), self.salt)                                   # [n]
-        from_end = torch.arange(length - 1, -1, -1, device=device)
-        positions = mix32(rows[:, None] ^ hash_keys(from_end, self.salt + 1)[None])    # [n, L]
-        return positions, hash_keys(torch.arange(features, device=device), self.salt + 2)
+        rows = hash_keys(keys.to(device), self.salt)                                          # [n]
+        positions = mix32(rows[:, None] ^ self._range_hashes(length, True, device, self.salt + 1)[None])  # [n, L]
+        return positions, self._range_hashes(features, False, device, self.salt + 2)
+
+    def _range_hashes(self, size: int, from_end: bool, device: torch.device, salt: int) -> torch.Tensor:
+        """``hash_keys`` of 0..size-1 (counted from the end for positions), computed once per size and device:
+        every forward of a layer would otherwise hash the same range again."""
+        key = (size, from_end, device)
+        if key not in self._hash_cache:
+            indices = torch.arange(size, device=device)
+            self._hash_cache[key] = hash_keys(indices.flip(0) if from_end else indices, salt)
+        return self._hash_cache[key]
 
     def keep_mask(self, keys: torch.Tensor, length: int, features: int,
                   device: torch.device | None = None) -> torch.Tensor:
@@ -208,22 +216,9 @@ class KeyedDropout(nn.Module):
                              f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
         return keys
 
-    def _cached(self, what: str, size: int, device: torch.device, salt: int) -> torch.Tensor:
-        """The int32 hashes of 0..size-1 (features, or positions from the end), computed once per size and device:
-        every forward of a layer would otherwise hash the same ranges again."""
-        key = (what, size, device)
-        if key not in self._hash_cache:
-            indices = torch.arange(size, device=device) if what == "features" else torch.arange(
-                size - 1, -1, -1, device=device)
-            self._hash_cache[key] = hash_keys(indices, salt)
-        return self._hash_cache[key]
-
     def kernel_arguments(self, keys: torch.Tensor, hidden: torch.Tensor) -> tuple:
-        """(rows, features, threshold, scale) for the fused kernels: the same hashes as ``hashes``, as int32."""
-        device = hidden.device
-        positions = mix32(hash_keys(keys.to(device), self.salt)[:, None]
-                          ^ self._cached("positions", hidden.shape[1], device, self.salt + 1)[None])
-        features = self._cached("features", hidden.shape[2], device, self.salt + 2)
+        """(rows, features, threshold, scale) for the fused kernels: ``hashes`` as int32."""
+        positions, features = self.hashes(keys, hidden.shape[1], hidden.shape[2], hidden.device)
         return as_int32_bits(positions), as_int32_bits(features), self.threshold, 1.0 / (1.0 - self.p)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
