@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(args.port)})
-    deepspeed.init_distributed()
+    distributed.init_deepspeed()
     avoid_cudnn_attention_backward()
     gpu = torch.cuda.is_available()
     dtype = "bfloat16" if gpu else "float32"

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -83,10 +81,18 @@ def gather_values(value: torch.Tensor) -> torch.Tensor:
 
 
 def init_deepspeed() -> None:
-    """``deepspeed.init_distributed()``, minus the line each rank prints on every run about its communication
-    op ("DeepSpeed ... built successfully"): what it prints goes to the debug log instead."""
-    import deepspeed
+    """``deepspeed.init_distributed()`` without DeepSpeed's shared-memory all-reduce op, and with the line each
+    rank prints about its communication op sent to the debug log.
 
+    On the CPU accelerator DeepSpeed compiles that op (~70 s of g++ on a 2-core machine, the first run on a
+    fresh machine) and maps 64 MiB of /dev/shm per rank that it never unlinks, for ``inference_all_reduce``
+    alone, which training never calls: gradients go through torch.distributed's all-reduce either way.
+    Marking the op incompatible (DeepSpeed reads its ``__compatible_ops__`` before building any op) skips
+    both; on GPUs DeepSpeed has no such op to skip."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         deepspeed.init_distributed()
@@ -97,22 +103,6 @@ def init_deepspeed() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def cpu_allreduce_buffer(rank_index: int) -> Path:
-    """The shared-memory file DeepSpeed's CPU backend maps for one rank (its naming: uid, master, rank)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_{rank_index}")
-
-
-def release_cpu_allreduce_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer (64 MiB in /dev/shm), which DeepSpeed never removes:
-    every run on CPU used to leave one per rank in memory until reboot. Once every rank has mapped every
-    peer's buffer (during init, so after a barrier), the name is no longer needed; the memory itself is
-    freed when the processes exit, crash included."""
-    if is_distributed():
-        barrier()
-        cpu_allreduce_buffer(rank()).unlink(missing_ok=True)
 
 
 def shutdown() -> None:

@@ -125,7 +125,6 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     from transformers import AutoTokenizer
 
     distributed.init_deepspeed()
-    distributed.release_cpu_allreduce_buffer()
     avoid_cudnn_attention_backward()
     rank, world = distributed.rank(), distributed.world_size()
     output_dir = Path(config.output_dir)

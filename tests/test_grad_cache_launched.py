@@ -71,6 +71,7 @@ def test_tensorboard_shows_the_chunk_size(runs):
 
 
 def test_runs_leave_no_shared_memory_behind(runs):
-    """DeepSpeed's CPU backend maps 64 MiB of /dev/shm per rank and never unlinks it; the trainer does."""
+    """DeepSpeed's CPU backend would map 64 MiB of /dev/shm per rank for its shared-memory all-reduce, and never
+    unlink it; the trainer keeps DeepSpeed from building that op at all."""
     for name in RUNS:
         assert runs[name]["shared_memory_left"] == [], name
