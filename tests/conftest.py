@@ -113,7 +113,8 @@ def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
 @dataclass
 class InterruptedRun:
     """A 4-step run (a checkpoint every step, keep 2) whose rank 1 was killed while writing checkpoint
-    step-3, then resumed from 'latest' to the end: shared by the fault and export tests."""
+    step-3 (under the deepspeed launcher, whose handling of a dead rank is checked), then resumed from 'latest'
+    to the end (by torchrun): shared by the fault and export tests."""
 
     output_dir: Path
     crashed: subprocess.CompletedProcess
@@ -137,8 +138,7 @@ def interrupted_run(tiny_model, tmp_path_factory) -> InterruptedRun:
     pointer = run / "checkpoints" / "latest"
     latest = pointer.read_text() if pointer.exists() else None
     tags = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    resumed = launch_training({**config, "resume_from_checkpoint": "latest"}, work / "config.json", free_port(),
-                              launcher="deepspeed")
+    resumed = launch_training({**config, "resume_from_checkpoint": "latest"}, work / "config.json", free_port())
     return InterruptedRun(run, crashed, latest, tags, resumed)
 
 

@@ -56,6 +56,7 @@ def test_smoke_run_through_make_with_an_early_deadline(tmp_path):
         step = report["parts"][part]["result"]
         assert step["tokens_per_step"] == (2 + 4) * 32 and step["tokens_per_s"] > 0
         assert step["tokens_per_s_without_lora_dropout"] > 0
+    assert "not run again" in report["parts"]["throughput"]["result"]["note"]  # the same tiny step as timing's
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# gpu-check (smoke)") and "SMOKE RUN" in markdown
 

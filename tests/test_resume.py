@@ -5,9 +5,13 @@ is the reference; each of these ends with its adapter, Adam moments and losses:
   nothing but memory), and continued on 1 rank at the same global batch;
 - a 1-rank run stopped by its job's end time (a fake one, a few steps ahead: tests/paced_deadline.py) at the last
   step whose checkpoint still ends in time, exiting "stopped early", then continued on 2 ranks.
-A resume with another global batch is refused with a message saying why."""
+A resume with another global batch is refused with a message saying why.
+Invariant 8, second half: the straight run and the checkpointed resume, watched by tests/observe_layers.py
+(which sets nothing), train in training mode, with each layer recomputed in backward where checkpointing is on
+and LoRA dropout at the configured rate changing what LoRA A sees."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -24,13 +28,15 @@ pytestmark = pytest.mark.launcher
 GLOBAL_BATCH, STEPS, HALF = 4, 4, 2
 PACE_S, AHEAD_S, SAFETY_S = 1.0, 4.5, 0.5  # steps of >= 1 s, an end 4.5 s after the first began, 0.5 s kept free
 RESUMED = ("same_ranks", "2to1", "1to2")
+OBSERVED = ("straight", "same_ranks")  # without, then with gradient checkpointing
+DROPOUT = 0.1
 
 
 def _config(tiny_model, data, out, ranks: int, **extra) -> dict:
     return {"model_name_or_path": str(tiny_model), "dataset_file_path": str(data), "output_dir": str(out),
             "per_device_train_batch_size": GLOBAL_BATCH // ranks, "learning_rate": 5e-3, "warmup_steps": 2,
             "max_seq_length": 32, "logging_steps": 1, "save_steps": HALF, "save_total_limit": 3, "lora_r": 4,
-            "lora_dropout": 0.1, "cod_steps": 4, "torch_dtype": "float32", "seed": 11, "stop_after_n_steps": STEPS,
+            "lora_dropout": DROPOUT, "cod_steps": 4, "torch_dtype": "float32", "seed": 11, "stop_after_n_steps": STEPS,
             **extra}
 
 
@@ -45,10 +51,15 @@ def runs(tiny_model, tmp_path_factory):
         return launch_training(config, work / f"{name}-{ranks}.json", free_port(), nproc=ranks, script=script,
                                env=env, launcher=launcher)
 
-    result = {"work": work, "straight": launch("straight", 2)}
+    def observed(name: str) -> dict:
+        (work / f"observed-{name}").mkdir()
+        return {"script": ROOT / "tests" / "observe_layers.py", "env": {"OBSERVE_DIR": str(work / f"observed-{name}")}}
+
+    result = {"work": work, "straight": launch("straight", 2, **observed("straight"))}
     for name in ("same_ranks", "2to1"):
         as_published_at(work / "straight", work / name, HALF)
-    result["same_ranks"] = launch("same_ranks", 2, resume_from_checkpoint="latest", gradient_checkpointing=True)
+    result["same_ranks"] = launch("same_ranks", 2, resume_from_checkpoint="latest", gradient_checkpointing=True,
+                                  **observed("same_ranks"))
     result["2to1"] = launch("2to1", 1, resume_from_checkpoint="latest")
     deadline = {"DEADLINE_AHEAD_S": str(AHEAD_S), "STEP_PACE_S": str(PACE_S), "DEADLINE_FILE": str(work / "end")}
     result["stopped"] = launch("1to2", 1, script=ROOT / "tests" / "paced_deadline.py", env=deadline,
@@ -117,3 +128,26 @@ def test_a_resume_with_another_global_batch_is_refused_with_a_reason(runs):
     output = refused.stdout + refused.stderr
     assert "global batch of 4 and this run has 2" in output
     assert "Traceback" not in output
+
+
+def _observed(runs, name: str) -> list[dict]:
+    return [json.loads((runs["work"] / f"observed-{name}" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_every_forward_of_a_launched_run_is_in_training_mode(runs):
+    for name in OBSERVED:
+        for rank in _observed(runs, name):
+            assert rank["training"] and all(rank["training"]), name
+
+
+def test_gradient_checkpointing_recomputes_in_a_launched_run(runs):
+    # each step encodes queries, then documents: two forwards; checkpointing runs each again in backward
+    assert [rank["calls"] for rank in _observed(runs, "straight")] == [2 * STEPS] * 2
+    assert [rank["calls"] for rank in _observed(runs, "same_ranks")] == [4 * (STEPS - HALF)] * 2
+
+
+def test_lora_dropout_follows_the_config_in_a_launched_run(runs):
+    for name in OBSERVED:
+        for rank in _observed(runs, name):
+            assert len(rank["lora_dropout"]) == rank["calls"], name  # LoRA A sits in every forward of the layer
+            assert all(seen == {"p": DROPOUT, "changed": True} for seen in rank["lora_dropout"]), name
