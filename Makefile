@@ -43,7 +43,7 @@ $(error make eval: name the models to evaluate, e.g. make eval MODEL="$(MODEL_DI
 endif
 endif
 
-.PHONY: help setup assets preprocess mine train eval export demo test test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
+.PHONY: help setup assets preprocess mine train eval export demo test test-cluster test-fast cluster-tools bench wheelhouse gpu-check tensorboard clean
 
 help:
 	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
@@ -57,7 +57,8 @@ help:
 	@echo "  export         a checkpoint -> adapter folder [CKPT=output_dir or a step folder, OUT, MERGED=1,"
 	@echo "                 SENTENCE_TRANSFORMERS=1 for OUT/sentence-transformers]"
 	@echo "  demo           set-up, assets, preprocess, train, eval on the embedded default"
-	@echo "  test           the test suite"
+	@echo "  test           the test suite, less the cluster launch scripts' end-to-end runs"
+	@echo "  test-cluster   those runs: multi_node.sh over ssh and pdsh, slurm.sbatch, gpu_check.sh's smoke run"
 	@echo "  test-fast      the tests that start no launcher (no DeepSpeed, torchrun or pdsh launch)"
 	@echo "  cluster-tools  as root: sshd and pdsh for the hostfile launcher test"
 	@echo "  bench          the long benchmarks (python -m benchmarks lists them), into runs/bench/report.md"
@@ -103,7 +104,11 @@ demo: assets
 	$(MAKE) eval MODEL="$(MODEL_DIR) $(DEMO_RUN)" TASKS=$(DEBIAN_DIR)/test OUT=$(DEMO_RUN)/eval EVAL_ARGS="$(DEMO_EVAL)"
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not cluster"
+
+# the launch scripts of a cluster, end to end (~4 min on 2 cores; the hostfile one needs `make cluster-tools`)
+test-cluster: setup
+	$(PY) -m pytest tests -m cluster
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not launcher"

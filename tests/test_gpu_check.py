@@ -22,6 +22,7 @@ from debater import wheelhouse
 
 
 @pytest.mark.launcher
+@pytest.mark.cluster
 def test_smoke_run_through_make_with_an_early_deadline(tmp_path):
     """The smoke run, with the training deadline forced to its start: every part in the budget's order, each run
     stopped once it has a checkpoint, exported from it, judged and evaluated. Two of the three arms, the paper's

@@ -29,7 +29,7 @@ SSHD = Path("/usr/sbin/sshd")
 HOSTS = ("127.0.0.1", "127.0.0.2")
 FAILURE_EXIT_LIMIT_S = 120  # measured: a few seconds (gloo sees the dead peer's socket close)
 
-pytestmark = [pytest.mark.launcher, pytest.mark.skipif(
+pytestmark = [pytest.mark.launcher, pytest.mark.cluster, pytest.mark.skipif(
     not (shutil.which("pdsh") and SSHD.exists() and os.geteuid() == 0),
     reason="needs root, openssh-server and pdsh: run `make cluster-tools` (as root) first")]
 

@@ -17,7 +17,7 @@ from conftest import FIXTURES, free_port, run_launcher, tensorboard_scalars, tra
 from debater.checkpoint import trainable_weights, weights_digest
 from debater.core.exit_codes import STOPPED_EARLY
 
-pytestmark = pytest.mark.launcher
+pytestmark = [pytest.mark.launcher, pytest.mark.cluster]
 
 TIMEOUT_S = 480
 
