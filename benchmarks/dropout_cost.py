@@ -7,7 +7,7 @@ the keyed mask applied by the reference (int64 torch ops of the input's size) an
 ``nn.Dropout`` and with none. Bar: keyed <= 1.2x nn.Dropout.
 
 Step part: the demo config (launch/configs/demo-smollm2.json) trained through the
-launcher on ``--nproc`` ranks, as configured against ``lora_dropout`` 0, alternating runs, each arm's best
+launcher on ``--nproc`` ranks, as configured against ``lora_dropout`` 0, alternating runs (ABBA), each arm's best
 run: tokens/s (the trainer's own, steps after the first) and rank 0's peak memory (resident set). Then one
 shorter run per arm with glibc giving every freed block of 128 KiB or more back to the system
 (MALLOC_MMAP_THRESHOLD_), so that the resident set follows the live tensors instead of what the allocator keeps
@@ -119,7 +119,8 @@ def step_costs(args) -> dict:
     arms = {f"lora_dropout {demo['lora_dropout']}": demo["lora_dropout"], "lora_dropout 0": 0.0}
     data, runs = str(args.data), {arm: [] for arm in arms}
     for repeat in range(args.step_repeats):
-        for arm, p in arms.items():
+        order = list(arms.items()) if repeat % 2 == 0 else list(arms.items())[::-1]  # ABBA: drift hits both arms
+        for arm, p in order:
             run = args.out / f"{'dropout' if p else 'none'}-{repeat}"
             runs[arm].append(train_arm(args, demo, data, run, p, args.steps))
             if (run / "preprocessed").is_dir():  # raw data: tokenized once, by the first run
