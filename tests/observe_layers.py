@@ -28,6 +28,7 @@ def _watched(config, tokenizer):
         seen["calls"] += 1
         seen["training"].append(module.training)
 
+    @torch.no_grad()  # a comparison beside the run, kept out of its autograd graph
     def masked(module, inputs, output):
         unmasked = torch.nn.functional.linear(inputs[0], module.weight)
         seen["lora_dropout"].append({"p": module.keyed_dropout.p, "changed": not torch.equal(output, unmasked)})
