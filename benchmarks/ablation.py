@@ -79,9 +79,10 @@ def arm_config(arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict
     return config
 
 
-def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
-    """Launch one run through launch/single_node.sh (its log goes next to its run folder), resuming it when an
-    earlier invocation left checkpoints and starting it again when that one stopped before its first."""
+def start_training(config: dict, nproc: int, port: int, env: dict | None = None) -> subprocess.Popen:
+    """Launch one run through launch/single_node.sh (its log goes next to its run folder; ``env`` added to its
+    environment), resuming it when an earlier invocation left checkpoints and starting it again when that one
+    stopped before its first."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoints" / "latest").exists():
@@ -90,7 +91,8 @@ def start_training(config: dict, nproc: int, port: int) -> subprocess.Popen:
         config = {**config, "overwrite_output_dir": True}
     config_path = out.parent / f"{out.name}.json"
     config_path.write_text(json.dumps(config, indent=2))
-    env = dict(os.environ, MASTER_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = {**os.environ, **(env or {}), "MASTER_PORT": str(port),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     with open(out.parent / f"{out.name}.log", "a") as log:  # the child keeps its own copy of the handle
         return subprocess.Popen(["launch/single_node.sh", str(config_path), str(nproc)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)

@@ -18,7 +18,6 @@ formula, s = max_seq_length) against an fp32 matmul measured here on as many thr
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from debater.keyed_dropout import KeyedDropout, TextKeys, install_keyed_dropout
 SHAPES = {"demo attention input": ((24, 64, 576), 576), "demo down-projection input": ((24, 64, 1536), 576),
           "MiniCPM width": ((4, 512, 2304), 2304), "MiniCPM down-projection input": ((4, 512, 5760), 2304)}
 LAYER_BAR, STEP_BAR, MEMORY_BAR = 1.2, 0.95, 0.02
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: blocks >= 128 KiB mmapped, so unmapped when freed
+# for the launched ranks: glibc mmaps every block >= 128 KiB, so unmaps it when freed
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def best_of(variants: dict, repeats: int) -> dict[str, float]:
@@ -99,11 +99,15 @@ def lora_params(model_config, r: int) -> int:
     return r * model_config.num_hidden_layers * (2 * d + 2 * (d + kv) + 2 * d + 3 * (d + inner))
 
 
-def train_arm(args, demo: dict, data: str, run: Path, p: float, steps: int) -> dict:
+def arm_folder(out: Path, p: float, name: str) -> Path:
+    return out / f"{'dropout' if p else 'none'}-{name}"
+
+
+def train_arm(args, demo: dict, data: str, run: Path, p: float, steps: int, env: dict | None = None) -> dict:
     """One launched run of the demo config with ``lora_dropout`` p for ``steps`` steps, measured."""
     config = {**demo, "output_dir": str(run), "dataset_file_path": data, "lora_dropout": p,
               "stop_after_n_steps": steps, "logging_steps": 1, "save_steps": steps}
-    measured = measure(run, config, args.nproc)
+    measured = measure(run, config, args.nproc, env)
     if "error" in measured:
         raise SystemExit(f"{run.name}: {measured['error']}")
     print(run.name, measured, flush=True)
@@ -121,19 +125,14 @@ def step_costs(args) -> dict:
     for repeat in range(args.step_repeats):
         order = list(arms.items()) if repeat % 2 == 0 else list(arms.items())[::-1]  # ABBA: drift hits both arms
         for arm, p in order:
-            run = args.out / f"{'dropout' if p else 'none'}-{repeat}"
+            run = arm_folder(args.out, p, str(repeat))
             runs[arm].append(train_arm(args, demo, data, run, p, args.steps))
             if (run / "preprocessed").is_dir():  # raw data: tokenized once, by the first run
                 data = str(run / "preprocessed")
     best = {arm: max(measured, key=lambda m: m["tokens_per_s"]) for arm, measured in runs.items()}
     (dropout, none) = best.values()
-    os.environ.update(LIVE_MEMORY_ENV)  # inherited by the launcher and its ranks
-    try:
-        live = {arm: train_arm(args, demo, data, args.out / f"{'dropout' if p else 'none'}-live-memory", p,
-                               args.memory_steps)["peak_mb"] for arm, p in arms.items()}
-    finally:
-        for key in LIVE_MEMORY_ENV:
-            os.environ.pop(key)
+    live = {arm: train_arm(args, demo, data, arm_folder(args.out, p, "live-memory"), p, args.memory_steps,
+                           LIVE_MEMORY_ENV)["peak_mb"] for arm, p in arms.items()}
     torch.set_num_threads(args.nproc)  # the cores the ranks ran on
     peak = matmul_tflops(torch.device("cpu"), torch.float32, 2048)
     flops = flops_per_token(AutoConfig.from_pretrained(demo["model_name_or_path"]),
@@ -141,7 +140,8 @@ def step_costs(args) -> dict:
                             demo["max_seq_length"])
     model_tflops = flops["model"] * dropout["tokens_per_s"] / 1e12
     speed, memory = dropout["tokens_per_s"] / none["tokens_per_s"], dropout["peak_mb"] / none["peak_mb"] - 1
-    live_change = live[next(iter(arms))] / live["lora_dropout 0"] - 1
+    (live_dropout, live_none) = live.values()
+    live_change = live_dropout / live_none - 1
     return {"nproc": args.nproc, "steps": args.steps, "runs": runs, "best": best,
             "tokens_per_s_ratio": round(speed, 3), "peak_memory_change": round(memory, 4),
             "live_peak_mb": live, "live_peak_memory_change": round(live_change, 4),

@@ -29,12 +29,12 @@ def after_first_step(values: dict[int, float]) -> float:
     return statistics.median([v for step, v in values.items() if step > 1] or list(values.values()))
 
 
-def measure(run: Path, config: dict, nproc: int) -> dict:
-    """Train from scratch; rank 0's peak memory (MB), the seconds per step after the first (the global batch
-    over the trainer's logged samples/s) and the real (non-pad) tokens/s of all ranks. A run that fails (out of
-    memory, say) is recorded as such."""
+def measure(run: Path, config: dict, nproc: int, env: dict | None = None) -> dict:
+    """Train from scratch (``env`` added to the launch's environment); rank 0's peak memory (MB), the seconds per
+    step after the first (the global batch over the trainer's logged samples/s) and the real (non-pad) tokens/s
+    of all ranks. A run that fails (out of memory, say) is recorded as such."""
     shutil.rmtree(run, ignore_errors=True)
-    code = start_training(config, nproc, free_port()).wait()
+    code = start_training(config, nproc, free_port(), env).wait()
     if code != 0:
         return {"error": f"training exited {code} (-9: killed, e.g. out of memory); see {run.parent / run.name}.log"}
     global_batch = config["per_device_train_batch_size"] * nproc
