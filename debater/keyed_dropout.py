@@ -116,13 +116,42 @@ def compiled_masked(device: torch.device, dtype: torch.dtype):
 
 
 def fused_kernel(hidden: torch.Tensor):
-    """The fused kernel for ``hidden``'s device and dtype (same arguments and result as ``masked``), or None:
-    then the reference path runs."""
+    """The fused kernels for ``hidden``'s device and dtype, or None: then the reference path runs. Two functions:
+    ``apply`` takes ``masked``'s arguments, then ``out`` (a contiguous tensor the result may be written into,
+    ``hidden`` itself included) and ``transient`` (the result is consumed before the next transient call, so it
+    may go into a reused buffer), both hints: callers use the returned tensor. ``apply_pair(grad, hidden, ...)``
+    gives backward's two masked tensors, ``grad`` (the caller's own) possibly masked in place, ``hidden``'s
+    transient. On the CPU that is keyed_dropout_cpu itself."""
     if hidden.device.type == "cuda":
-        return compiled_masked(hidden.device, hidden.dtype)
+        compiled = compiled_masked(hidden.device, hidden.dtype)
+        return None if compiled is None else CompiledKernel(compiled)
     if keyed_dropout_cpu.supports(hidden):
-        return keyed_dropout_cpu.apply
+        return keyed_dropout_cpu
     return None
+
+
+class CompiledKernel:
+    """``fused_kernel``'s two functions over the compiled ``masked``, which always returns a new tensor (torch's
+    caching allocator already reuses CUDA memory, so the hints are not needed)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def apply(self, hidden, rows, features, threshold, scale, out=None, transient=False):
+        return self.compiled(hidden, rows, features, threshold, scale)
+
+    def apply_pair(self, grad, hidden, rows, features, threshold, scale):
+        return (self.compiled(grad, rows, features, threshold, scale),
+                self.compiled(hidden, rows, features, threshold, scale))
+
+
+def row_bits(keys: torch.Tensor, salt: int, positions: torch.Tensor) -> torch.Tensor:
+    """[texts, length] int32: the hash of each (text, position), from int64 ``keys`` [texts] and the int32 position
+    hashes [length], on the positions' device (on the CPU in one C call where the kernel is built)."""
+    if positions.device.type == "cpu" and keyed_dropout_cpu.library() is not None:
+        return keyed_dropout_cpu.row_hashes(keys, salt, positions)
+    texts = as_int32_bits(hash_keys(keys.to(positions.device), salt))
+    return mix32(texts[:, None] ^ positions[None])
 
 
 class FusedKeyedDropout(torch.autograd.Function):
@@ -134,13 +163,13 @@ class FusedKeyedDropout(torch.autograd.Function):
         ctx.save_for_backward(rows, features)
         ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
         # detached, as the gradient in backward is: a compiled kernel then serves both without a recompile
-        return kernel(hidden.detach(), rows, features, threshold, scale)
+        return kernel.apply(hidden.detach(), rows, features, threshold, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows, features = ctx.saved_tensors
-        return ctx.kernel(grad, rows, features, ctx.threshold, ctx.scale), None, None, None, None, None
+        return ctx.kernel.apply(grad, rows, features, ctx.threshold, ctx.scale), None, None, None, None, None
 
 
 class FusedKeyedDropoutLinear(torch.autograd.Function):
@@ -153,20 +182,23 @@ class FusedKeyedDropoutLinear(torch.autograd.Function):
     def forward(ctx, hidden, weight, rows, features, threshold, scale, kernel):
         ctx.save_for_backward(hidden, weight, rows, features)
         ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
-        return nn.functional.linear(kernel(hidden.detach(), rows, features, threshold, scale), weight.detach())
+        dropped = kernel.apply(hidden.detach(), rows, features, threshold, scale, transient=True)
+        return nn.functional.linear(dropped, weight.detach())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         hidden, weight, rows, features = ctx.saved_tensors
-
-        def mask(values: torch.Tensor) -> torch.Tensor:
-            return ctx.kernel(values, rows, features, ctx.threshold, ctx.scale)
-
-        grad_hidden = mask(grad.matmul(weight)) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            dropped = mask(hidden)
+        masks = rows, features, ctx.threshold, ctx.scale
+        grad_hidden = grad_weight = dropped = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # both masks from one pass
+            grad_hidden, dropped = ctx.kernel.apply_pair(grad.matmul(weight), hidden, *masks)
+        elif ctx.needs_input_grad[0]:
+            grad_hidden = grad.matmul(weight)
+            grad_hidden = ctx.kernel.apply(grad_hidden, *masks, out=grad_hidden)  # a new tensor of its own
+        elif ctx.needs_input_grad[1]:
+            dropped = ctx.kernel.apply(hidden, *masks, transient=True)
+        if dropped is not None:
             grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
         return grad_hidden, grad_weight, None, None, None, None, None
 
@@ -180,23 +212,28 @@ class KeyedDropout(nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p, self.salt, self.text_keys = p, salt, text_keys
         self.threshold = round(p * 2 ** _KEEP_BITS)
-        self._hash_cache: dict[tuple, torch.Tensor] = {}  # (size, from_end, device) -> hash_keys of the range
+        self._hash_cache: dict[tuple, torch.Tensor] = {}  # (size, from_end, device, int32) -> hashes of the range
 
     def hashes(self, keys: torch.Tensor, length: int, features: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The hashes of each (text, position) [n, length] and of each feature [features], on ``device``: an
         element's keep bit is ``mix32`` of their xor."""
         rows = hash_keys(keys.to(device), self.salt)                                          # [n]
-        positions = mix32(rows[:, None] ^ self._range_hashes(length, True, device, self.salt + 1)[None])  # [n, L]
-        return positions, self._range_hashes(features, False, device, self.salt + 2)
+        positions = mix32(rows[:, None] ^ self._range_hashes(length, True, device)[None])  # [n, L]
+        return positions, self._range_hashes(features, False, device)
 
-    def _range_hashes(self, size: int, from_end: bool, device: torch.device, salt: int) -> torch.Tensor:
-        """``hash_keys`` of 0..size-1 (counted from the end for positions), computed once per size and device:
-        every forward of a layer would otherwise hash the same range again."""
-        key = (size, from_end, device)
+    def _range_hashes(self, size: int, from_end: bool, device: torch.device, int32: bool = False) -> torch.Tensor:
+        """``hash_keys`` of 0..size-1 (counted from the end for positions, salted apart from features), as int64
+        or as the int32 bits the fused kernels read, computed once per size and device: every forward of a layer
+        would otherwise hash the same range again."""
+        key = (size, from_end, device, int32)
         if key not in self._hash_cache:
-            indices = torch.arange(size, device=device)
-            self._hash_cache[key] = hash_keys(indices.flip(0) if from_end else indices, salt)
+            if int32:
+                self._hash_cache[key] = as_int32_bits(self._range_hashes(size, from_end, device))
+            else:
+                indices = torch.arange(size, device=device)
+                self._hash_cache[key] = hash_keys(indices.flip(0) if from_end else indices,
+                                                  self.salt + (1 if from_end else 2))
         return self._hash_cache[key]
 
     def keep_mask(self, keys: torch.Tensor, length: int, features: int,
@@ -218,8 +255,10 @@ class KeyedDropout(nn.Module):
 
     def kernel_arguments(self, keys: torch.Tensor, hidden: torch.Tensor) -> tuple:
         """(rows, features, threshold, scale) for the fused kernels: ``hashes`` as int32."""
-        positions, features = self.hashes(keys, hidden.shape[1], hidden.shape[2], hidden.device)
-        return as_int32_bits(positions), as_int32_bits(features), self.threshold, 1.0 / (1.0 - self.p)
+        _, length, width = hidden.shape
+        rows = row_bits(keys, self.salt, self._range_hashes(length, True, hidden.device, int32=True))
+        features = self._range_hashes(width, False, hidden.device, int32=True)
+        return rows, features, self.threshold, 1.0 / (1.0 - self.p)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

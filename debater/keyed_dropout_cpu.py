@@ -4,8 +4,13 @@ Plain C, built once per machine with the system's C compiler (well under a secon
 cache under the temporary directory, loaded with ctypes; it runs on the calling thread plus
 ``torch.get_num_threads() - 1`` OpenMP threads (the linker reuses the libgomp torch already loaded). The
 per-element work is the last of the reference's hashes, ``mix32(row ^ feature)``, in uint32 arithmetic; the
-[texts, positions] and [features] hashes before it are small and come from the reference code. fp32 and bf16
-inputs; other dtypes, or a machine without a compiler, use the reference (with a log line).
+[texts, positions] row hashes come from a second small C function (one call instead of a dozen small torch ops
+per LoRA layer). fp32 and bf16 inputs; other dtypes, or a machine without a compiler, use the reference (with a
+log line).
+
+A result that is consumed at once (the dropped input LoRA A multiplies, in forward and again in backward) is
+written into a reused per-thread buffer (``transient``): a fresh tensor of the input's size per call would make
+glibc either fault in new pages every time or grow a fragmented heap.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -44,36 +50,51 @@ static inline uint16_t store_bf16(float f) {  /* round to nearest even, as c10::
 }
 
 /* out[i, l, f] = in[i, l, f] * keep * scale, keep = (mix32(rows[i, l] ^ features[f]) >> 8) >= threshold;
-   in has any strides (elements), out is contiguous. */
+   in has any strides (elements), out is contiguous. With grad (contiguous, not NULL), grad[i, l, f] is masked in
+   place as well, by the same bits: backward's two masked tensors from one hash per element. */
+#define MASK_ROW(XF, WITH_GRAD, LOAD, STORE)                                                                 \
+    for (int64_t f = 0; f < width; f++) {                                                                    \
+        const float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                            \
+        y[f] = STORE(LOAD(XF) * keep * scale);                                                               \
+        if (WITH_GRAD) g[f] = STORE(LOAD(g[f]) * keep * scale);                                              \
+    }
 #define KERNEL(NAME, T, LOAD, STORE)                                                                         \
-void NAME(const T *in, T *out, const uint32_t *rows, const uint32_t *features, int64_t texts, int64_t length, \
-          int64_t width, int64_t s0, int64_t s1, int64_t s2, uint32_t threshold, float scale, int threads) {  \
+void NAME(const T *in, T *out, T *grad, const uint32_t *rows, const uint32_t *features, int64_t texts,       \
+          int64_t length, int64_t width, int64_t s0, int64_t s1, int64_t s2, uint32_t threshold, float scale, \
+          int threads) {                                                                                     \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                       \
     for (int64_t r = 0; r < texts * length; r++) {                                                           \
         const T *x = in + (r / length) * s0 + (r % length) * s1;                                             \
         T *y = out + r * width;                                                                              \
+        T *g = grad ? grad + r * width : NULL;                                                               \
         const uint32_t row = rows[r];                                                                        \
-        if (s2 == 1) {                                                                                       \
-            for (int64_t f = 0; f < width; f++) {                                                            \
-                float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                          \
-                y[f] = STORE(LOAD(x[f]) * keep * scale);                                                     \
-            }                                                                                                \
-        } else {                                                                                             \
-            for (int64_t f = 0; f < width; f++) {                                                            \
-                float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                          \
-                y[f] = STORE(LOAD(x[f * s2]) * keep * scale);                                                \
-            }                                                                                                \
-        }                                                                                                    \
+        if (g && s2 == 1) { MASK_ROW(x[f], 1, LOAD, STORE) }                                                 \
+        else if (g) { MASK_ROW(x[f * s2], 1, LOAD, STORE) }                                                  \
+        else if (s2 == 1) { MASK_ROW(x[f], 0, LOAD, STORE) }                                                 \
+        else { MASK_ROW(x[f * s2], 0, LOAD, STORE) }                                                         \
     }                                                                                                        \
 }
 
 KERNEL(keyed_dropout_f32, float, load_f32, store_f32)
 KERNEL(keyed_dropout_bf16, uint16_t, load_bf16, store_bf16)
+
+/* out[i, l] = mix32(text ^ positions[l]), text = mix32(mix32(low half of keys[i]) ^ mix32(high half) ^ salt):
+   the reference's hash_keys then its position mix, for every (text, position). */
+void keyed_row_hashes(const int64_t *keys, int64_t texts, uint32_t salt, const uint32_t *positions, int64_t length,
+                      uint32_t *out) {
+    for (int64_t i = 0; i < texts; i++) {
+        const uint64_t key = (uint64_t)keys[i];
+        const uint32_t text = mix32(mix32((uint32_t)key) ^ mix32((uint32_t)(key >> 32)) ^ salt);
+        for (int64_t l = 0; l < length; l++) out[i * length + l] = mix32(text ^ positions[l]);
+    }
+}
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 STABLE_CPUINFO = {"model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU part"}
 KERNELS = {torch.float32: "keyed_dropout_f32", torch.bfloat16: "keyed_dropout_bf16"}
-_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+_ROW_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+_buffers = threading.local()
 
 
 def cpu_identity() -> list[str]:
@@ -106,6 +127,7 @@ def build(compiler: str, cache_dir: Path) -> ctypes.CDLL:
     loaded = ctypes.CDLL(str(library))
     for name in KERNELS.values():
         getattr(loaded, name).argtypes = _ARGS
+    loaded.keyed_row_hashes.argtypes = _ROW_ARGS
     return loaded
 
 
@@ -126,13 +148,50 @@ def supports(hidden: torch.Tensor) -> bool:
     return hidden.device.type == "cpu" and hidden.dtype in KERNELS and library() is not None
 
 
-def apply(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, threshold: int,
-          scale: float) -> torch.Tensor:
+def row_hashes(keys: torch.Tensor, salt: int, positions: torch.Tensor) -> torch.Tensor:
+    """[texts, length] int32 row hashes of int64 ``keys`` [texts] with this layer's ``salt`` and the int32
+    ``positions`` hashes [length] (the reference's ``hashes``, first part, as 32-bit patterns)."""
+    keys = keys.to(torch.int64).contiguous()
+    positions = positions.contiguous()
+    out = torch.empty(keys.shape[0], positions.shape[0], dtype=torch.int32)
+    library().keyed_row_hashes(keys.data_ptr(), keys.shape[0], salt & 0xFFFFFFFF, positions.data_ptr(),
+                               positions.shape[0], out.data_ptr())
+    return out
+
+
+def transient_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` from this thread's reused buffer (grown as needed): valid only until the
+    next call on this thread."""
+    count = shape.numel()
+    buffer = getattr(_buffers, str(dtype), None)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.empty(count, dtype=dtype)
+        setattr(_buffers, str(dtype), buffer)
+    return buffer[:count].view(shape)
+
+
+def apply(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, threshold: int, scale: float,
+          out: torch.Tensor | None = None, transient: bool = False) -> torch.Tensor:
     """``hidden`` [texts, length, width] times its keep mask and ``scale``; ``rows`` [texts, length] and
-    ``features`` [width] are int32 tensors holding the 32-bit hashes (contiguous)."""
-    out = torch.empty(hidden.shape, dtype=hidden.dtype)
+    ``features`` [width] are int32 tensors holding the 32-bit hashes (contiguous). Written into ``out`` (a
+    contiguous tensor of ``hidden``'s shape and dtype, ``hidden`` itself included), or into the thread's
+    reused buffer when ``transient``, or into a new tensor."""
+    return _run(hidden, None, rows, features, threshold, scale, out, transient)
+
+
+def apply_pair(grad: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor,
+               threshold: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward's two masked tensors from one pass: ``grad`` (contiguous, owned by the caller) masked in place,
+    and ``hidden`` masked into the thread's reused buffer."""
+    return grad, _run(hidden, grad, rows, features, threshold, scale, None, True)
+
+
+def _run(hidden, grad, rows, features, threshold, scale, out, transient) -> torch.Tensor:
+    if out is None:
+        out = transient_buffer(hidden.shape, hidden.dtype) if transient else torch.empty(hidden.shape,
+                                                                                          dtype=hidden.dtype)
     texts, length, width = hidden.shape
     getattr(library(), KERNELS[hidden.dtype])(
-        hidden.data_ptr(), out.data_ptr(), rows.data_ptr(), features.data_ptr(), texts, length, width,
-        *hidden.stride(), threshold, scale, torch.get_num_threads())
+        hidden.data_ptr(), out.data_ptr(), None if grad is None else grad.data_ptr(), rows.data_ptr(),
+        features.data_ptr(), texts, length, width, *hidden.stride(), threshold, scale, torch.get_num_threads())
     return out

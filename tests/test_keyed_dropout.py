@@ -103,6 +103,21 @@ def test_lora_a_with_the_dropout_inside_equals_dropout_then_linear(shape, layout
         torch.testing.assert_close(a, b, **tolerance, msg=name)
 
 
+@pytest.mark.parametrize("frozen", ["input", "weight"])
+def test_lora_a_with_one_gradient_wanted_masks_that_one(frozen):
+    """The first layer's input or a frozen adapter: backward masks only what is asked for (one pass each)."""
+    lora_a, keys = _lora_a(70, 8, 1 / 3, torch.float32), torch.tensor([3, 1, 4])
+    hidden = torch.randn(3, 9, 70, requires_grad=frozen != "input")
+    lora_a.weight.requires_grad_(frozen != "weight")
+    with lora_a.keyed_dropout.text_keys.use(keys):
+        fused = lora_a(hidden)
+    reference = torch.nn.functional.linear(lora_a.keyed_dropout.reference(hidden, keys), lora_a.weight)
+    wanted = [hidden] if frozen == "weight" else [lora_a.weight]
+    upstream = torch.randn(3, 9, 8)
+    torch.testing.assert_close(torch.autograd.grad(fused, wanted, upstream)[0],
+                               torch.autograd.grad(reference, wanted, upstream)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_lora_a_with_the_dropout_inside_keeps_its_input_not_a_dropped_copy():
     """What LoRA A without dropout keeps (its input, shared with the other projections that read it), plus the
     small hashes and its own weight: no new tensor of the input's size."""
@@ -123,15 +138,37 @@ def test_the_fused_cpu_kernel_equals_the_reference_bit_for_bit_forward_and_backw
     assert result["mismatches"] == [] and result["cases"] == 2 * len(CASES)
 
 
-def test_the_cuda_definition_in_int32_equals_the_reference():
-    """``masked`` is what torch.compile turns into the CUDA kernel; run eagerly its int32 arithmetic (wrapping
-    multiply, masked shifts) must give the reference's bits (the compiled kernel is checked by make gpu-check)."""
+def test_the_cuda_definition_in_int32_equals_the_reference(monkeypatch):
+    """``masked`` is what torch.compile turns into the CUDA kernel, fed by ``row_bits``' torch route; run eagerly,
+    their int32 arithmetic (wrapping multiply, masked shifts) must give the reference's bits (the compiled kernel is
+    checked by make gpu-check). The CPU's C row hashes must give the same rows."""
     dropout = _dropout(0.05, salt=2**32 - 1)
-    keys = torch.tensor([0, 3, 1 << 33, 2**63 - 1])
-    hidden = torch.randn(4, 19, 301)
-    rows, features = dropout.hashes(keys, 19, 301, hidden.device)
-    out = masked(hidden, as_int32_bits(rows), as_int32_bits(features), dropout.threshold, 1 / 0.95)
-    assert torch.equal(as_bits(out), as_bits(dropout.reference(hidden, keys)))
+    keys = torch.tensor([0, 3, 1 << 33, 2**63 - 1, -5])
+    hidden = torch.randn(5, 19, 301)
+    c_rows, features, threshold, scale = dropout.kernel_arguments(keys, hidden)
+    monkeypatch.setattr(keyed_dropout_cpu, "library", lambda: None)
+    torch_rows = dropout.kernel_arguments(keys, hidden)[0]
+    assert torch.equal(c_rows, torch_rows)
+    assert torch.equal(as_bits(masked(hidden, torch_rows, features, threshold, scale)),
+                       as_bits(dropout.reference(hidden, keys)))
+
+
+def test_stacked_lora_a_layers_sharing_the_reused_buffer_get_their_own_masks():
+    """Each fused LoRA A writes its dropped input into one reused per-thread buffer, in forward and backward: two
+    of different widths in a row must still equal the reference's dropped inputs and plain linears."""
+    first, second = _lora_a(40, 24, 0.25, torch.float32), _lora_a(24, 8, 0.25, torch.float32)
+    second.keyed_dropout = KeyedDropout(0.25, 0xDEF, first.keyed_dropout.text_keys).train()
+    keys, hidden = torch.tensor([2, 9, 4]), torch.randn(3, 10, 40, requires_grad=True)
+    with first.keyed_dropout.text_keys.use(keys):
+        fused = second(first(hidden))
+    middle = torch.nn.functional.linear(first.keyed_dropout.reference(hidden, keys), first.weight)
+    reference = torch.nn.functional.linear(second.keyed_dropout.reference(middle, keys), second.weight)
+    assert type(fused.grad_fn).__name__ == "FusedKeyedDropoutLinearBackward"
+    assert torch.equal(fused, reference)
+    weights = [hidden, first.weight, second.weight]
+    for got, want in zip(torch.autograd.grad(fused.square().sum(), weights),
+                         torch.autograd.grad(reference.square().sum(), weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_backward_keeps_no_tensor_of_the_input_size():
