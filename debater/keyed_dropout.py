@@ -10,7 +10,8 @@ one-process run, a W-rank run, a chunked re-forward and a checkpointed recomputa
 
 ``keep_mask`` is the reference: plain torch, int64 tensors of the input's size. Training runs a fused kernel
 instead (C on the CPU, see keyed_dropout_cpu.py; ``masked`` compiled to Triton on CUDA): each element's bit is
-hashed inside the kernel that applies it, forward and backward, with the same bits as the reference. Inside a
+hashed inside the kernel that applies it, forward and backward, with the same bits as the reference, from a
+``MaskSpec`` that holds only tensors which exist anyway. Inside a
 PEFT model the mask is applied within LoRA A's own op (``KeyedDropoutLoraA``), which keeps the undropped input
 for backward, as LoRA A does without dropout, rather than a dropped copy of every adapted projection's input.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,13 +117,31 @@ def compiled_masked(device: torch.device, dtype: torch.dtype):
     return compiled
 
 
+@dataclass(frozen=True)
+class MaskSpec:
+    """What decides one layer's keep bits for the texts of one forward. Its tensors exist anyway (the forward's
+    text keys, the layer's cached position and feature hashes), so keeping it for backward allocates nothing."""
+
+    keys: torch.Tensor       # int64 [texts]
+    salt: int
+    positions: torch.Tensor  # int32 [length]: the hash of each position, counted from the end
+    features: torch.Tensor   # int32 [width]
+    threshold: int
+    scale: float
+
+    def rows(self) -> torch.Tensor:
+        """[texts, length] int32: the hash of each (text, position), on the positions' device."""
+        texts = as_int32_bits(hash_keys(self.keys.to(self.positions.device), self.salt))
+        return mix32(texts[:, None] ^ self.positions[None])
+
+
 def fused_kernel(hidden: torch.Tensor):
     """The fused kernels for ``hidden``'s device and dtype, or None: then the reference path runs. Two functions:
-    ``apply`` takes ``masked``'s arguments, then ``out`` (a contiguous tensor the result may be written into,
-    ``hidden`` itself included) and ``transient`` (the result is consumed before the next transient call, so it
-    may go into a reused buffer), both hints: callers use the returned tensor. ``apply_pair(grad, hidden, ...)``
-    gives backward's two masked tensors, ``grad`` (the caller's own) possibly masked in place, ``hidden``'s
-    transient. On the CPU that is keyed_dropout_cpu itself."""
+    ``apply(hidden, spec, out=None, transient=False)``, whose hints say where the result may be written
+    (``out``, a contiguous tensor of ``hidden``'s shape, ``hidden`` itself included) or that it is consumed
+    before the next transient call (so a reused buffer may hold it); callers use the returned tensor.
+    ``apply_pair(grad, hidden, spec)`` gives backward's two masked tensors: ``grad`` (the caller's own), possibly
+    masked in place, and ``hidden``'s, transient. On the CPU that is keyed_dropout_cpu itself."""
     if hidden.device.type == "cuda":
         compiled = compiled_masked(hidden.device, hidden.dtype)
         return None if compiled is None else CompiledKernel(compiled)
@@ -137,70 +157,57 @@ class CompiledKernel:
     def __init__(self, compiled):
         self.compiled = compiled
 
-    def apply(self, hidden, rows, features, threshold, scale, out=None, transient=False):
-        return self.compiled(hidden, rows, features, threshold, scale)
+    def apply(self, hidden, spec: MaskSpec, out=None, transient=False):
+        return self.compiled(hidden, spec.rows(), spec.features, spec.threshold, spec.scale)
 
-    def apply_pair(self, grad, hidden, rows, features, threshold, scale):
-        return (self.compiled(grad, rows, features, threshold, scale),
-                self.compiled(hidden, rows, features, threshold, scale))
-
-
-def row_bits(keys: torch.Tensor, salt: int, positions: torch.Tensor) -> torch.Tensor:
-    """[texts, length] int32: the hash of each (text, position), from int64 ``keys`` [texts] and the int32 position
-    hashes [length], on the positions' device (on the CPU in one C call where the kernel is built)."""
-    if positions.device.type == "cpu" and keyed_dropout_cpu.library() is not None:
-        return keyed_dropout_cpu.row_hashes(keys, salt, positions)
-    texts = as_int32_bits(hash_keys(keys.to(positions.device), salt))
-    return mix32(texts[:, None] ^ positions[None])
+    def apply_pair(self, grad, hidden, spec: MaskSpec):
+        rows = spec.rows()
+        return (self.compiled(grad, rows, spec.features, spec.threshold, spec.scale),
+                self.compiled(hidden, rows, spec.features, spec.threshold, spec.scale))
 
 
 class FusedKeyedDropout(torch.autograd.Function):
     """y = x * keep * scale, and so dL/dx = g * keep * scale: backward applies the same kernel to the gradient,
-    recomputing the mask from the saved row and feature hashes ([texts, length] and [width] int32)."""
+    the mask recomputed from the spec."""
 
     @staticmethod
-    def forward(ctx, hidden, rows, features, threshold, scale, kernel):
-        ctx.save_for_backward(rows, features)
-        ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
+    def forward(ctx, hidden, spec, kernel):
+        ctx.spec, ctx.kernel = spec, kernel
         # detached, as the gradient in backward is: a compiled kernel then serves both without a recompile
-        return kernel.apply(hidden.detach(), rows, features, threshold, scale)
+        return kernel.apply(hidden.detach(), spec)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, features = ctx.saved_tensors
-        return ctx.kernel.apply(grad, rows, features, ctx.threshold, ctx.scale), None, None, None, None, None
+        return ctx.kernel.apply(grad, ctx.spec), None, None
 
 
 class FusedKeyedDropoutLinear(torch.autograd.Function):
-    """y = (x * keep * scale) @ W^T for LoRA A. Backward recomputes the dropped input from x and the row and
-    feature hashes for W's gradient, and applies the mask to x's: it keeps x, the tensor a LoRA A without
-    dropout keeps too (shared by the projections that read the same input), instead of a dropped copy per
-    projection."""
+    """y = (x * keep * scale) @ W^T for LoRA A. Backward recomputes the dropped input from x and the spec for W's
+    gradient, and applies the mask to x's, both in one pass: it keeps x, the tensor a LoRA A without dropout
+    keeps too (shared by the projections that read the same input), instead of a dropped copy per projection."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, features, threshold, scale, kernel):
-        ctx.save_for_backward(hidden, weight, rows, features)
-        ctx.threshold, ctx.scale, ctx.kernel = threshold, scale, kernel
-        dropped = kernel.apply(hidden.detach(), rows, features, threshold, scale, transient=True)
-        return nn.functional.linear(dropped, weight.detach())
+    def forward(ctx, hidden, weight, spec, kernel):
+        ctx.save_for_backward(hidden, weight)
+        ctx.spec, ctx.kernel = spec, kernel
+        return nn.functional.linear(kernel.apply(hidden.detach(), spec, transient=True), weight.detach())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        hidden, weight, rows, features = ctx.saved_tensors
-        masks = rows, features, ctx.threshold, ctx.scale
+        hidden, weight = ctx.saved_tensors
         grad_hidden = grad_weight = dropped = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # both masks from one pass
-            grad_hidden, dropped = ctx.kernel.apply_pair(grad.matmul(weight), hidden, *masks)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            grad_hidden, dropped = ctx.kernel.apply_pair(grad.matmul(weight), hidden, ctx.spec)
         elif ctx.needs_input_grad[0]:
             grad_hidden = grad.matmul(weight)
-            grad_hidden = ctx.kernel.apply(grad_hidden, *masks, out=grad_hidden)  # a new tensor of its own
+            grad_hidden = ctx.kernel.apply(grad_hidden, ctx.spec, out=grad_hidden)  # a new tensor of its own
         elif ctx.needs_input_grad[1]:
-            dropped = ctx.kernel.apply(hidden, *masks, transient=True)
+            dropped = ctx.kernel.apply(hidden, ctx.spec, transient=True)
         if dropped is not None:
             grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None
 
 
 class KeyedDropout(nn.Module):
@@ -253,12 +260,12 @@ class KeyedDropout(nn.Module):
                              f"{tuple(hidden.shape)}: expected one key per row of [texts, positions, features]")
         return keys
 
-    def kernel_arguments(self, keys: torch.Tensor, hidden: torch.Tensor) -> tuple:
-        """(rows, features, threshold, scale) for the fused kernels: ``hashes`` as int32."""
+    def mask_spec(self, keys: torch.Tensor, hidden: torch.Tensor) -> MaskSpec:
+        """The fused kernels' description of this layer's masks for ``keys`` and an input shaped as ``hidden``."""
         _, length, width = hidden.shape
-        rows = row_bits(keys, self.salt, self._range_hashes(length, True, hidden.device, int32=True))
-        features = self._range_hashes(width, False, hidden.device, int32=True)
-        return rows, features, self.threshold, 1.0 / (1.0 - self.p)
+        return MaskSpec(keys, self.salt, self._range_hashes(length, True, hidden.device, int32=True),
+                        self._range_hashes(width, False, hidden.device, int32=True), self.threshold,
+                        1.0 / (1.0 - self.p))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -269,7 +276,7 @@ class KeyedDropout(nn.Module):
         kernel = fused_kernel(hidden)
         if kernel is None:
             return self.reference(hidden, keys)
-        return FusedKeyedDropout.apply(hidden, *self.kernel_arguments(keys, hidden), kernel)
+        return FusedKeyedDropout.apply(hidden, self.mask_spec(keys, hidden), kernel)
 
     def reference(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The training forward as the spec computes it: the reference mask times ``hidden``, rescaled."""
@@ -291,8 +298,7 @@ class KeyedDropoutLoraA(nn.Linear):
         kernel = fused_kernel(hidden) if keys is not None else None
         if kernel is None or self.bias is not None:
             return super().forward(self.keyed_dropout(hidden))
-        return FusedKeyedDropoutLinear.apply(hidden, self.weight, *self.keyed_dropout.kernel_arguments(keys, hidden),
-                                             kernel)
+        return FusedKeyedDropoutLinear.apply(hidden, self.weight, self.keyed_dropout.mask_spec(keys, hidden), kernel)
 
 
 def install_keyed_dropout(model: nn.Module, seed: int, text_keys: TextKeys) -> None:

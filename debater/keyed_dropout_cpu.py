@@ -3,14 +3,14 @@
 Plain C, built once per machine with the system's C compiler (well under a second, no torch headers) into a
 cache under the temporary directory, loaded with ctypes; it runs on the calling thread plus
 ``torch.get_num_threads() - 1`` OpenMP threads (the linker reuses the libgomp torch already loaded). The
-per-element work is the last of the reference's hashes, ``mix32(row ^ feature)``, in uint32 arithmetic; the
-[texts, positions] row hashes come from a second small C function (one call instead of a dozen small torch ops
-per LoRA layer). fp32 and bf16 inputs; other dtypes, or a machine without a compiler, use the reference (with a
-log line).
+reference's hashes in uint32 arithmetic: each row's (text, position) hash once per row, from the text's key and
+the layer's cached position hashes, then ``mix32(row ^ feature)`` per element. fp32 and bf16 inputs; other
+dtypes, or a machine without a compiler, use the reference (with a log line).
 
-A result that is consumed at once (the dropped input LoRA A multiplies, in forward and again in backward) is
-written into a reused per-thread buffer (``transient``): a fresh tensor of the input's size per call would make
-glibc either fault in new pages every time or grow a fragmented heap.
+Nothing is allocated per call but the result, and not even that when the result is consumed at once (the
+dropped input LoRA A multiplies, in forward and again in backward): it goes into a reused per-thread buffer
+(``transient``). A fresh tensor of the input's size per call makes glibc fault in new pages every time or grow
+a fragmented heap.
 """
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ static inline uint16_t store_bf16(float f) {  /* round to nearest even, as c10::
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* out[i, l, f] = in[i, l, f] * keep * scale, keep = (mix32(rows[i, l] ^ features[f]) >> 8) >= threshold;
-   in has any strides (elements), out is contiguous. With grad (contiguous, not NULL), grad[i, l, f] is masked in
-   place as well, by the same bits: backward's two masked tensors from one hash per element. */
+/* out[i, l, f] = in[i, l, f] * keep * scale, keep = (mix32(row ^ features[f]) >> 8) >= threshold, where
+   row = mix32(text ^ positions[l]) and text = mix32(mix32(low half of keys[i]) ^ mix32(high half) ^ salt): the
+   reference's hashes. in has any strides (elements), out is contiguous. With grad (contiguous, not NULL),
+   grad[i, l, f] is masked in place as well, by the same bits: backward's two masked tensors from one pass. */
 #define MASK_ROW(XF, WITH_GRAD, LOAD, STORE)                                                                 \
     for (int64_t f = 0; f < width; f++) {                                                                    \
         const float keep = (float)((mix32(row ^ features[f]) >> 8) >= threshold);                            \
@@ -59,15 +60,18 @@ static inline uint16_t store_bf16(float f) {  /* round to nearest even, as c10::
         if (WITH_GRAD) g[f] = STORE(LOAD(g[f]) * keep * scale);                                              \
     }
 #define KERNEL(NAME, T, LOAD, STORE)                                                                         \
-void NAME(const T *in, T *out, T *grad, const uint32_t *rows, const uint32_t *features, int64_t texts,       \
-          int64_t length, int64_t width, int64_t s0, int64_t s1, int64_t s2, uint32_t threshold, float scale, \
-          int threads) {                                                                                     \
+void NAME(const T *in, T *out, T *grad, const int64_t *keys, uint32_t salt, const uint32_t *positions,       \
+          const uint32_t *features, int64_t texts, int64_t length, int64_t width, int64_t s0, int64_t s1,     \
+          int64_t s2, uint32_t threshold, float scale, int threads) {                                        \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                       \
     for (int64_t r = 0; r < texts * length; r++) {                                                           \
-        const T *x = in + (r / length) * s0 + (r % length) * s1;                                             \
+        const int64_t i = r / length, l = r % length;                                                        \
+        const uint64_t key = (uint64_t)keys[i];                                                              \
+        const uint32_t text = mix32(mix32((uint32_t)key) ^ mix32((uint32_t)(key >> 32)) ^ salt);             \
+        const uint32_t row = mix32(text ^ positions[l]);                                                     \
+        const T *x = in + i * s0 + l * s1;                                                                   \
         T *y = out + r * width;                                                                              \
         T *g = grad ? grad + r * width : NULL;                                                               \
-        const uint32_t row = rows[r];                                                                        \
         if (g && s2 == 1) { MASK_ROW(x[f], 1, LOAD, STORE) }                                                 \
         else if (g) { MASK_ROW(x[f * s2], 1, LOAD, STORE) }                                                  \
         else if (s2 == 1) { MASK_ROW(x[f], 0, LOAD, STORE) }                                                 \
@@ -77,23 +81,12 @@ void NAME(const T *in, T *out, T *grad, const uint32_t *rows, const uint32_t *fe
 
 KERNEL(keyed_dropout_f32, float, load_f32, store_f32)
 KERNEL(keyed_dropout_bf16, uint16_t, load_bf16, store_bf16)
-
-/* out[i, l] = mix32(text ^ positions[l]), text = mix32(mix32(low half of keys[i]) ^ mix32(high half) ^ salt):
-   the reference's hash_keys then its position mix, for every (text, position). */
-void keyed_row_hashes(const int64_t *keys, int64_t texts, uint32_t salt, const uint32_t *positions, int64_t length,
-                      uint32_t *out) {
-    for (int64_t i = 0; i < texts; i++) {
-        const uint64_t key = (uint64_t)keys[i];
-        const uint32_t text = mix32(mix32((uint32_t)key) ^ mix32((uint32_t)(key >> 32)) ^ salt);
-        for (int64_t l = 0; l < length; l++) out[i * length + l] = mix32(text ^ positions[l]);
-    }
-}
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 STABLE_CPUINFO = {"model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU part"}
 KERNELS = {torch.float32: "keyed_dropout_f32", torch.bfloat16: "keyed_dropout_bf16"}
-_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
-_ROW_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+_ARGS = ([ctypes.c_void_p] * 4 + [ctypes.c_uint32] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
+         + [ctypes.c_uint32, ctypes.c_float, ctypes.c_int])
 _buffers = threading.local()
 
 
@@ -127,7 +120,6 @@ def build(compiler: str, cache_dir: Path) -> ctypes.CDLL:
     loaded = ctypes.CDLL(str(library))
     for name in KERNELS.values():
         getattr(loaded, name).argtypes = _ARGS
-    loaded.keyed_row_hashes.argtypes = _ROW_ARGS
     return loaded
 
 
@@ -148,17 +140,6 @@ def supports(hidden: torch.Tensor) -> bool:
     return hidden.device.type == "cpu" and hidden.dtype in KERNELS and library() is not None
 
 
-def row_hashes(keys: torch.Tensor, salt: int, positions: torch.Tensor) -> torch.Tensor:
-    """[texts, length] int32 row hashes of int64 ``keys`` [texts] with this layer's ``salt`` and the int32
-    ``positions`` hashes [length] (the reference's ``hashes``, first part, as 32-bit patterns)."""
-    keys = keys.to(torch.int64).contiguous()
-    positions = positions.contiguous()
-    out = torch.empty(keys.shape[0], positions.shape[0], dtype=torch.int32)
-    library().keyed_row_hashes(keys.data_ptr(), keys.shape[0], salt & 0xFFFFFFFF, positions.data_ptr(),
-                               positions.shape[0], out.data_ptr())
-    return out
-
-
 def transient_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous tensor of ``shape`` from this thread's reused buffer (grown as needed): valid only until the
     next call on this thread."""
@@ -170,28 +151,27 @@ def transient_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:count].view(shape)
 
 
-def apply(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor, threshold: int, scale: float,
-          out: torch.Tensor | None = None, transient: bool = False) -> torch.Tensor:
-    """``hidden`` [texts, length, width] times its keep mask and ``scale``; ``rows`` [texts, length] and
-    ``features`` [width] are int32 tensors holding the 32-bit hashes (contiguous). Written into ``out`` (a
-    contiguous tensor of ``hidden``'s shape and dtype, ``hidden`` itself included), or into the thread's
-    reused buffer when ``transient``, or into a new tensor."""
-    return _run(hidden, None, rows, features, threshold, scale, out, transient)
-
-
-def apply_pair(grad: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor,
-               threshold: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward's two masked tensors from one pass: ``grad`` (contiguous, owned by the caller) masked in place,
-    and ``hidden`` masked into the thread's reused buffer."""
-    return grad, _run(hidden, grad, rows, features, threshold, scale, None, True)
-
-
-def _run(hidden, grad, rows, features, threshold, scale, out, transient) -> torch.Tensor:
+def apply(hidden: torch.Tensor, spec, out: torch.Tensor | None = None, transient: bool = False) -> torch.Tensor:
+    """``hidden`` [texts, length, width] times its keep mask (from ``spec``, a keyed_dropout.MaskSpec) and scale.
+    Written into ``out`` (a contiguous tensor of ``hidden``'s shape and dtype, ``hidden`` itself included), or
+    into the thread's reused buffer when ``transient``, or into a new tensor."""
     if out is None:
         out = transient_buffer(hidden.shape, hidden.dtype) if transient else torch.empty(hidden.shape,
                                                                                           dtype=hidden.dtype)
+    return _run(hidden, out, None, spec)
+
+
+def apply_pair(grad: torch.Tensor, hidden: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward's two masked tensors from one pass: ``grad`` (contiguous, owned by the caller) masked in place,
+    and ``hidden`` masked into the thread's reused buffer."""
+    return grad, _run(hidden, transient_buffer(hidden.shape, hidden.dtype), grad, spec)
+
+
+def _run(hidden: torch.Tensor, out: torch.Tensor, grad: torch.Tensor | None, spec) -> torch.Tensor:
     texts, length, width = hidden.shape
+    keys = spec.keys.to(torch.int64).contiguous()  # no copy when it is already
     getattr(library(), KERNELS[hidden.dtype])(
-        hidden.data_ptr(), out.data_ptr(), None if grad is None else grad.data_ptr(), rows.data_ptr(),
-        features.data_ptr(), texts, length, width, *hidden.stride(), threshold, scale, torch.get_num_threads())
+        hidden.data_ptr(), out.data_ptr(), None if grad is None else grad.data_ptr(), keys.data_ptr(),
+        spec.salt & 0xFFFFFFFF, spec.positions.data_ptr(), spec.features.data_ptr(), texts, length, width,
+        *hidden.stride(), spec.threshold, spec.scale, torch.get_num_threads())
     return out

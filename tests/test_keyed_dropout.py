@@ -6,7 +6,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks.fused_dropout_check import CASES, as_bits, fused_dropout_equality, random_input
-from debater import keyed_dropout_cpu
+from debater import keyed_dropout, keyed_dropout_cpu
 from debater.keyed_dropout import (KeyedDropout, KeyedDropoutLoraA, TextKeys, as_int32_bits, install_keyed_dropout,
                                    masked)
 
@@ -138,19 +138,33 @@ def test_the_fused_cpu_kernel_equals_the_reference_bit_for_bit_forward_and_backw
     assert result["mismatches"] == [] and result["cases"] == 2 * len(CASES)
 
 
-def test_the_cuda_definition_in_int32_equals_the_reference(monkeypatch):
-    """``masked`` is what torch.compile turns into the CUDA kernel, fed by ``row_bits``' torch route; run eagerly,
-    their int32 arithmetic (wrapping multiply, masked shifts) must give the reference's bits (the compiled kernel is
-    checked by make gpu-check). The CPU's C row hashes must give the same rows."""
+def test_the_cuda_definition_in_int32_equals_the_reference_and_the_cpu_kernel():
+    """``masked`` is what torch.compile turns into the CUDA kernel, fed by ``MaskSpec.rows``; run eagerly, their
+    int32 arithmetic (wrapping multiply, masked shifts) must give the reference's bits (the compiled kernel is
+    checked by make gpu-check), and so must the C kernel, which hashes the rows itself (negative keys too)."""
     dropout = _dropout(0.05, salt=2**32 - 1)
     keys = torch.tensor([0, 3, 1 << 33, 2**63 - 1, -5])
     hidden = torch.randn(5, 19, 301)
-    c_rows, features, threshold, scale = dropout.kernel_arguments(keys, hidden)
-    monkeypatch.setattr(keyed_dropout_cpu, "library", lambda: None)
-    torch_rows = dropout.kernel_arguments(keys, hidden)[0]
-    assert torch.equal(c_rows, torch_rows)
-    assert torch.equal(as_bits(masked(hidden, torch_rows, features, threshold, scale)),
-                       as_bits(dropout.reference(hidden, keys)))
+    spec = dropout.mask_spec(keys, hidden)
+    reference = as_bits(dropout.reference(hidden, keys))
+    assert torch.equal(as_bits(masked(hidden, spec.rows(), spec.features, spec.threshold, spec.scale)), reference)
+    assert torch.equal(as_bits(keyed_dropout_cpu.apply(hidden, spec)), reference)
+
+
+def test_the_cuda_kernels_glue_run_eagerly_gives_the_reference(monkeypatch):
+    """What training runs on CUDA, short of the compiler: ``CompiledKernel`` over ``masked`` (eager here) inside
+    LoRA A, forward and both gradients (make gpu-check runs the compiled kernel itself)."""
+    monkeypatch.setattr(keyed_dropout, "fused_kernel", lambda hidden: keyed_dropout.CompiledKernel(masked))
+    lora_a, keys = _lora_a(65, 8, 1 / 3, torch.float32), torch.tensor([6, 2**62, 0])
+    hidden = torch.randn(3, 11, 65, requires_grad=True)
+    with lora_a.keyed_dropout.text_keys.use(keys):
+        fused = lora_a(hidden)
+    reference = torch.nn.functional.linear(lora_a.keyed_dropout.reference(hidden, keys), lora_a.weight)
+    assert type(fused.grad_fn).__name__ == "FusedKeyedDropoutLinearBackward" and torch.equal(fused, reference)
+    upstream = torch.randn(3, 11, 8)
+    for got, want in zip(torch.autograd.grad(fused, [hidden, lora_a.weight], upstream),
+                         torch.autograd.grad(reference, [hidden, lora_a.weight], upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_stacked_lora_a_layers_sharing_the_reused_buffer_get_their_own_masks():
@@ -171,13 +185,15 @@ def test_stacked_lora_a_layers_sharing_the_reused_buffer_get_their_own_masks():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_backward_keeps_no_tensor_of_the_input_size():
+def test_backward_keeps_no_tensor_of_its_own():
+    """The mask is recomputed in backward from the spec, whose tensors exist anyway (the keys, the layer's
+    cached hashes): autograd is handed nothing to keep."""
     dropout, saved = _dropout(0.1), []
     hidden = torch.randn(6, 40, 96, requires_grad=True)
     with dropout.text_keys.use(torch.arange(6)), torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t) or t, lambda t: t):
-        dropout(hidden)
-    assert saved and max(t.numel() for t in saved) == 6 * 40 and all(t.dtype == torch.int32 for t in saved)
+        out = dropout(hidden)
+    assert type(out.grad_fn).__name__ == "FusedKeyedDropoutBackward" and saved == []
 
 
 @pytest.mark.parametrize("inside_lora_a", [False, True])
