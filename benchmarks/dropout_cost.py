@@ -6,18 +6,20 @@ the keyed mask applied by the reference (int64 torch ops of the input's size) an
 ``nn.Dropout``, forward only; then one peft LoRA layer (r 16) forward+backward with keyed dropout, with
 ``nn.Dropout`` and with none. Bar: keyed <= 1.2x nn.Dropout.
 
-Step part: the demo config (launch/configs/demo-smollm2.json) trained through the
-launcher on ``--nproc`` ranks, as configured against ``lora_dropout`` 0, alternating runs (ABBA), each arm's best
-run: tokens/s (the trainer's own, steps after the first) and rank 0's peak memory (resident set). Then one
-shorter run per arm with glibc giving every freed block of 128 KiB or more back to the system
+Step part: the demo config (launch/configs/demo-smollm2.json) trained through the launcher on ``--nproc`` ranks,
+as configured against ``lora_dropout`` 0, alternating runs (ABBA): the ratio of the arms' mean tokens/s (the
+trainer's own, steps after the first; this machine's run-to-run drift is why one run per arm says little), with
+each ABBA pair's ratio and the best runs' ratio, and rank 0's peak memory (resident set) in each arm's best run.
+Then one shorter run per arm with glibc giving every freed block of 128 KiB or more back to the system
 (MALLOC_MMAP_THRESHOLD_), so that the resident set follows the live tensors instead of what the allocator keeps
-(slower: those runs time nothing). Bars: >= 0.95x the tokens/s, live peak memory within 2% (the peak a GPU run
-reports, max_memory_allocated, counts live tensors too). Also the model FLOP/s (benchmarks/step_throughput.py's
+(slower: those runs time nothing). Bars: >= 0.95x the mean tokens/s, live peak memory within 2% (the peak a GPU
+run reports, max_memory_allocated, counts live tensors too). Also the model FLOP/s (benchmarks/step_throughput.py's
 formula, s = max_seq_length) against an fp32 matmul measured here on as many threads as there are ranks.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -115,8 +117,8 @@ def train_arm(args, demo: dict, data: str, run: Path, p: float, steps: int, env:
 
 
 def step_costs(args) -> dict:
-    """The demo config launched as configured and with lora_dropout 0, alternating; each arm's best run; then
-    each arm's live peak memory."""
+    """The demo config launched as configured and with lora_dropout 0, alternating; the arms' mean and best
+    runs; then each arm's live peak memory."""
     from transformers import AutoConfig
 
     demo = json.loads(BASE_CONFIG.read_text())
@@ -131,6 +133,10 @@ def step_costs(args) -> dict:
                 data = str(run / "preprocessed")
     best = {arm: max(measured, key=lambda m: m["tokens_per_s"]) for arm, measured in runs.items()}
     (dropout, none) = best.values()
+    means = {arm: statistics.mean(m["tokens_per_s"] for m in measured) for arm, measured in runs.items()}
+    mean_dropout, mean_none = means.values()
+    (dropout_runs, none_runs) = runs.values()
+    pair_ratios = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(dropout_runs, none_runs)]
     live = {arm: train_arm(args, demo, data, arm_folder(args.out, p, "live-memory"), p, args.memory_steps,
                            LIVE_MEMORY_ENV)["peak_mb"] for arm, p in arms.items()}
     torch.set_num_threads(args.nproc)  # the cores the ranks ran on
@@ -138,12 +144,15 @@ def step_costs(args) -> dict:
     flops = flops_per_token(AutoConfig.from_pretrained(demo["model_name_or_path"]),
                             lora_params(AutoConfig.from_pretrained(demo["model_name_or_path"]), demo["lora_r"]),
                             demo["max_seq_length"])
-    model_tflops = flops["model"] * dropout["tokens_per_s"] / 1e12
-    speed, memory = dropout["tokens_per_s"] / none["tokens_per_s"], dropout["peak_mb"] / none["peak_mb"] - 1
+    model_tflops = flops["model"] * mean_dropout / 1e12
+    speed, memory = mean_dropout / mean_none, dropout["peak_mb"] / none["peak_mb"] - 1
     (live_dropout, live_none) = live.values()
     live_change = live_dropout / live_none - 1
     return {"nproc": args.nproc, "steps": args.steps, "runs": runs, "best": best,
-            "tokens_per_s_ratio": round(speed, 3), "peak_memory_change": round(memory, 4),
+            "mean_tokens_per_s": {arm: round(mean, 1) for arm, mean in means.items()},
+            "tokens_per_s_ratio": round(speed, 3),
+            "best_runs_ratio": round(dropout["tokens_per_s"] / none["tokens_per_s"], 3),
+            "pair_ratios": pair_ratios, "peak_memory_change": round(memory, 4),
             "live_peak_mb": live, "live_peak_memory_change": round(live_change, 4),
             "flops_per_token": flops, "model_tflops": round(model_tflops, 4), "matmul_tflops": round(peak, 4),
             "model_flops_vs_matmul": round(model_tflops / peak, 3),
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the layer part (best of)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the layer part")
     parser.add_argument("--parts", nargs="+", choices=["layer", "step"], default=["layer", "step"])
-    parser.add_argument("--step-repeats", type=int, default=2, help="launched runs per arm")
+    parser.add_argument("--step-repeats", type=int, default=4, help="launched runs per arm")
     parser.add_argument("--data", type=Path, default=Path(TRAIN_DATA),
                         help="the step part's echo-data, or a folder preprocessed for the demo config")
     parser.add_argument("--steps", type=int, default=8, help="training steps per launched run")
@@ -181,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(f"layer forward+backward at most {worst:.2f}x nn.Dropout")
     if "step" in args.parts:
         step = result["step"] = step_costs(args)
-        summary.append(f"demo step on {args.nproc} ranks {step['tokens_per_s_ratio']:.2f}x the tokens/s without "
-                       f"dropout, live peak memory {step['live_peak_memory_change']:+.1%} (resident set with "
+        pairs = ", ".join(f"{ratio:.2f}x" for ratio in step["pair_ratios"])
+        summary.append(f"demo step on {args.nproc} ranks {step['tokens_per_s_ratio']:.2f}x the mean tokens/s "
+                       f"without dropout (runs in pairs: {pairs}; best runs {step['best_runs_ratio']:.2f}x), live "
+                       f"peak memory {step['live_peak_memory_change']:+.1%} (resident set with "
                        f"glibc's default retention {step['peak_memory_change']:+.1%}), model FLOP/s "
                        f"{step['model_flops_vs_matmul']:.1%} of the measured matmul")
     result["ok"] = all(result[part]["ok"] for part in args.parts)
