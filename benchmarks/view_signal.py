@@ -5,7 +5,10 @@ training logs as ``diag/*``, from ``debater.diagnostics``): for the base model i
 for trained runs.
 
 Contrastive loss can reach ln(N) (uniform scores) without learning anything, by making every document's view
-alike (doc-doc cosine near 1, score spread near 0); a run that learns spreads them out instead. One batch of
+alike (doc-doc cosine near 1, score spread near 0); a run that learns spreads them out instead. Also, for the
+cause: the same cosine and margin once the batch's mean query and mean view are subtracted (``centred_*``: the
+signal under a shared direction), the share of a view's squared norm in the 3 coordinates largest over the
+batch (massive activations) and the views' mean norm. One batch of
 training rows; the base model's formats (no LoRA):
 - ``eos``: the vanilla view (the EOS after the text);
 - ``last_k``: the last K input tokens (the SD-only ablation);
@@ -51,6 +54,21 @@ def read_rows(path: Path, count: int, stride: int) -> list[dict]:
         return [json.loads(line) for line in itertools.islice(lines, 0, count * stride, stride)]
 
 
+def centred(queries: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, D] queries less their batch mean, [N, K, D] views less the documents' mean at each view position: what
+    is left once a direction every text shares is taken out."""
+    return queries - queries.mean(0), views - views.mean(0, keepdim=True)
+
+
+def top_dims_share(vectors: torch.Tensor, count: int = 3) -> float:
+    """The mean share of each [N, D] vector's squared norm held by the ``count`` coordinates with the largest
+    mean magnitude over the batch: near 1 when a few fixed coordinates dominate every text (massive
+    activations)."""
+    dims = vectors.abs().mean(0).topk(min(count, vectors.shape[1])).indices
+    squares = vectors.float().square()
+    return float((squares[:, dims].sum(-1) / squares.sum(-1)).mean())
+
+
 def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction: str, scale: float) -> dict:
     """Score statistics of one encoder: queries against every positive and negative of the batch."""
     formatter = TextFormatter(tokenizer, encoder.settings)
@@ -66,8 +84,13 @@ def statistics(encoder: DebaterEncoder, tokenizer, rows: list[dict], instruction
     # the same statistics the trainer logs as diag/* (one definition: debater.diagnostics)
     shared = {name.removeprefix("diag/"): round(value, 4)
               for name, value in batch_diagnostics(q, views, labels, scale).items()}
+    without_shared = batch_diagnostics(*centred(q, views), labels, scale)
     return {
         **shared,
+        "centred_doc_view_cosine": round(without_shared["diag/doc_view_cosine"], 4),
+        "centred_positive_margin": round(without_shared["diag/positive_margin"], 4),
+        "doc_top3_dims_share": round(top_dims_share(views[:, -1]), 4),
+        "doc_view_norm": round(float(views[:, -1].norm(dim=-1).mean()), 2),
         "query_doc_cosine": round(float(scores[..., -1].mean() / scale), 4),
         "loss": round(float(F.cross_entropy(best, labels)), 4),
         "top1": round(float((best.argmax(-1) == labels).float().mean()), 4),

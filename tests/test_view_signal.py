@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES
-from benchmarks.view_signal import FORMATS, base_encoder, read_rows, statistics
+from benchmarks.view_signal import FORMATS, base_encoder, centred, read_rows, statistics, top_dims_share
 from debater.core.prompts import TextFormatter
 from debater.model import load_encoder
 
@@ -60,3 +60,23 @@ def test_a_loaded_base_model_is_the_default_step_format(tiny_model):
     built = statistics(*base_encoder(str(tiny_model), FORMATS["steps_existing"], max_length=32), rows(), INSTRUCTION,
                        SCALE)
     assert loaded == built
+
+
+def test_centring_and_the_top_dimensions_share_equal_plain_loops():
+    gen = torch.Generator().manual_seed(3)
+    queries, views = torch.randn(3, 5, generator=gen), torch.randn(4, 2, 5, generator=gen)
+    views[..., 1] += 40.0  # one coordinate every text shares, as massive activations are
+    centred_queries, centred_views = centred(queries, views)
+    for i in range(4):
+        for k in range(2):
+            for d in range(5):
+                mean = sum(float(views[j, k, d]) for j in range(4)) / 4
+                assert float(centred_views[i, k, d]) == pytest.approx(float(views[i, k, d]) - mean, abs=1e-5)
+    assert float(centred_queries[1, 2]) == pytest.approx(float(queries[1, 2] - queries[:, 2].sum() / 3), abs=1e-6)
+    last = views[:, -1]
+    magnitude = [sum(abs(float(last[j, d])) for j in range(4)) / 4 for d in range(5)]
+    top = sorted(range(5), key=lambda d: -magnitude[d])[:3]
+    shares = [sum(float(last[j, d]) ** 2 for d in top) / sum(float(last[j, d]) ** 2 for d in range(5))
+              for j in range(4)]
+    assert top_dims_share(last) == pytest.approx(sum(shares) / 4, rel=1e-5)
+    assert top_dims_share(last, count=1) > 0.9  # the shared coordinate holds nearly all of every norm
