@@ -7,8 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from benchmarks.fused_dropout_check import CASES, as_bits, fused_dropout_equality, random_input
 from debater import keyed_dropout, keyed_dropout_cpu
-from debater.keyed_dropout import (KeyedDropout, KeyedDropoutLoraA, TextKeys, as_int32_bits, install_keyed_dropout,
-                                   masked)
+from debater.keyed_dropout import KeyedDropout, KeyedDropoutLoraA, TextKeys, install_keyed_dropout, masked
 
 
 def _dropout(p: float = 0.25, salt: int = 7) -> KeyedDropout:
