@@ -186,9 +186,13 @@ def _portable_state(engine) -> dict:
             "global_steps": engine.global_steps}
 
 
-def _create_adam_state(engine) -> None:
+def create_adam_state(engine) -> None:
     """Before its first step the optimizer holds no Adam state (torch creates it lazily) and ZeRO has not yet
-    linked each parameter to its fragment of it: create both, as the first step would, so they can be set."""
+    linked each parameter to its fragment of it: create both, as the first step would. Done before a fresh
+    run's first step too: after that step ZeRO links every group once, when torch has created the state of
+    the first group only (DeepSpeed 0.19), so with two groups (LoRA+) the second would never be linked and
+    could not be checkpointed. (A run resumed through DeepSpeed's own files has every group's state loaded
+    before its first step links them.)"""
     inner = engine.optimizer.optimizer
     for group in inner.param_groups:
         for flat in group["params"]:
@@ -209,7 +213,7 @@ def _restore_portable(engine, portable: dict) -> None:
         missing = sorted(trainable.keys() ^ portable["params"].keys())[:3]
         raise CheckpointError(f"the checkpoint's trainable parameters differ from this model's (e.g. {missing}): "
                               "resume with the config it was trained with")
-    _create_adam_state(engine)
+    create_adam_state(engine)
     with torch.no_grad():
         for name, param in trainable.items():
             saved = portable["params"][name]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from debater.core.config import LORA_INITS
 from debater.core.prompts import STEP_TOKEN_INITS, EncodingSettings, resolve_step_tokens, step_tokens_unusable
 from debater.keyed_dropout import TextKeys, install_keyed_dropout
 from debater.model_folder import (ENCODER_FILE, ModelPathError, base_model_record, check_model_path,
@@ -224,6 +225,7 @@ def build_training_encoder(config, tokenizer) -> DebaterEncoder:
     else:
         train_rows = settings.step_tokens and config.train_step_rows
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          init_lora_weights=LORA_INITS[config.lora_init],
                           target_modules=config.lora_target_modules or lora_targets(backbone),
                           trainable_token_indices=tokenizer.convert_tokens_to_ids(settings.step_tokens)
                           if train_rows else None)

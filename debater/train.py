@@ -107,6 +107,19 @@ def empty_plan_reason(data: PreprocessedData, global_batch: int, negatives_per_q
             f"per_device_train_batch_size or negatives_per_query, or use fewer ranks")
 
 
+def optimizer_groups(module: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The trainable parameters as AdamW groups: with LoRA+ (``lora_b_lr_ratio`` != 1) the B matrices form a
+    group of their own at that multiple of the learning rate; the schedule scales every group alike."""
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if config.lora_b_lr_ratio == 1:
+        return [{"params": [p for _, p in trainable]}]
+    b_matrices = [p for name, p in trainable if "lora_B" in name]
+    if not b_matrices:
+        raise TrainingError("lora_b_lr_ratio is set but the model trains no LoRA B matrix")
+    return [{"params": [p for name, p in trainable if "lora_B" not in name]},
+            {"params": b_matrices, "lr": config.learning_rate * config.lora_b_lr_ratio}]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -147,11 +160,11 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         (output_dir / BATCH_PLAN).write_text(json.dumps(
             {"global_batch": global_batch, "batches": len(plan), "dropped_rows": plan.dropped}, indent=2))
-    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    groups = optimizer_groups(encoder, config)
     log.info("rank %d/%d: %d trainable parameters, %d planned batches, training %d steps",
-             rank, world, sum(p.numel() for p in trainable), len(plan), total_steps)
+             rank, world, sum(p.numel() for group in groups for p in group["params"]), len(plan), total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=encoder, model_parameters=trainable, config=ds_config,
+        model=encoder, model_parameters=groups, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, len(plan))))
     # from_pretrained returns a model in eval mode: without this, gradient checkpointing never recomputes
     # (transformers checks self.training) and LoRA dropout is off whatever the config says
@@ -160,6 +173,8 @@ def _train(config: TrainConfig, ds_config_path: str, stop: StopRequest) -> Path:
     step, next_batch = 0, 0
     if config.resume_from_checkpoint:
         step, next_batch = checkpoint.load(engine, ckpt_dir, config.resume_from_checkpoint, global_batch)
+    else:
+        checkpoint.create_adam_state(engine)
     loader = RankLoader(data, plan, rank, world, pad_token_id(tokenizer), config.negatives_per_query)
     monitor = Monitor(output_dir, enabled=rank == 0)
     if rank == 0:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import launch_training, training_env
 
 pytestmark = pytest.mark.launcher
@@ -147,3 +148,24 @@ def test_a_preprocessed_folder_with_other_settings_names_the_keys(trained_run, t
     line = _error_line(_train_again(trained_run, tmp_path, output_dir=str(tmp_path / "run"), max_seq_length=48,
                                     dataset_file_path=str(trained_run / "preprocessed")))
     assert "max_seq_length 32 there, 48 here" in line and "doc_max_length" not in line and "{" not in line
+
+
+def test_lora_plus_moves_the_b_matrices_at_their_own_learning_rate(trained_run, tmp_path):
+    """LoRA+ through ``python -m debater train``: one step of Adam from B = 0 moves each B entry by about the
+    learning rate (Adam's first update is +-lr wherever the gradient is not tiny), so the saved B entries sit
+    near 16 x learning_rate; A gets no gradient while B is zero and keeps its start."""
+    from safetensors.torch import load_file
+
+    lr = 1e-3
+    settings = dict(output_dir=str(tmp_path / "run"), dataset_file_path=str(trained_run / "preprocessed"),
+                    per_device_train_batch_size=8, learning_rate=lr, warmup_steps=0, lr_scheduler_type="constant",
+                    lora_dropout=0.0, lora_b_lr_ratio=16)
+    done = _train_again(trained_run, tmp_path, stop_after_n_steps=1, **settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    resumed = _train_again(trained_run, tmp_path, stop_after_n_steps=2, resume_from_checkpoint="latest", **settings)
+    assert resumed.returncode == 0 and "at step 1" in resumed.stderr, resumed.stderr[-3000:]  # both groups' state
+    b_entries = torch.cat([w.flatten().abs() for name, w in weights.items() if "lora_B" in name])
+    moved = b_entries[b_entries > 0]
+    assert len(moved) > 0.9 * len(b_entries)
+    assert 0.9 * 16 * lr < float(moved.median()) <= 16 * lr * 1.001, float(moved.median())

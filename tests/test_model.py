@@ -325,6 +325,28 @@ def test_step_token_init_sets_where_the_added_rows_start(tiny_model, tmp_path, i
         assert 0.6 < float(step_gap / vocab_gap) < 1.6, (step_gap, vocab_gap)
 
 
+@pytest.mark.parametrize("init", ["default", "gaussian", "orthogonal"])
+def test_every_lora_init_starts_as_the_base_model(tiny_model, tmp_path, init):
+    """Embeddings equal the base model's whatever the LoRA start; only orthogonal starts B non-zero."""
+    tokenizer = _tokenizer(tiny_model)
+    encoder = build_training_encoder(_config(tiny_model, tmp_path, lora_init=init), tokenizer).eval()
+    formatter = TextFormatter(tokenizer, encoder.settings)
+    with encoder.backbone.disable_adapter():
+        base = _embed(encoder, formatter, tokenizer.pad_token_id)
+    for got, expected in zip(_embed(encoder, formatter, tokenizer.pad_token_id), base):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    b_sum = sum(float(p.abs().sum()) for name, p in encoder.named_parameters() if "lora_B" in name)
+    assert (b_sum > 0) == (init == "orthogonal"), b_sum
+
+
+def test_lora_init_rejects_inits_that_change_the_base_weights(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="pissa, olora"):
+        _config(tiny_model, tmp_path, lora_init="pissa")
+    with pytest.raises(ConfigError, match="even lora_r"):
+        TrainConfig(model_name_or_path=str(tiny_model), dataset_file_path="data", output_dir="out",
+                    lora_init="orthogonal", lora_r=3)
+
+
 def test_sampled_rows_follow_the_vocabulary_covariance():
     from debater.model import vocabulary_draws
 

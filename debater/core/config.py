@@ -33,6 +33,9 @@ class LossVariant:
 
 
 # the one definition of the variant names; the order is the ablation's (tests seed by it)
+# peft's init_lora_weights for each lora_init: only those that keep the base weights (an adapter then applies as
+# saved, and a resumed run rebuilds the same start)
+LORA_INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 LOSS_VARIANTS = {"vanilla": LossVariant("last_token", False), "sd_only": LossVariant("last_k_tokens", True),
                  "cod_only": LossVariant("step_tokens", False), "full": LossVariant("step_tokens", True)}
 POOLING_MODES = ("last_step", "multi_view", "last_token")
@@ -114,6 +117,11 @@ class TrainConfig:
     lora_r: int = key(16, "LoRA rank")
     lora_alpha: int = key(32, "LoRA alpha")
     lora_dropout: float = key(0.05, "LoRA dropout (masks keyed by text: the same on any number of ranks)")
+    lora_init: str = key("default", "how LoRA starts: default (Kaiming A, zero B), gaussian (Gaussian A, zero "
+                                    "B) or orthogonal (both non-zero, B A = 0); every one leaves the base "
+                                    "weights as they are")
+    lora_b_lr_ratio: float = key(1.0, "LoRA+: the B matrices learn at this times learning_rate (1: plain LoRA; "
+                                      "the LoRA+ paper suggests 4-16)")
     lora_target_modules: list[str] | None = key(None, "module names to adapt (default: every linear layer of the "
                                                       "transformer blocks)")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
@@ -165,6 +173,14 @@ class TrainConfig:
             raise ConfigError(f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
         if self.step_token_init not in STEP_TOKEN_INITS:
             raise ConfigError(f"step_token_init must be one of {STEP_TOKEN_INITS}, got {self.step_token_init!r}")
+        if self.lora_init not in LORA_INITS:
+            raise ConfigError(f"lora_init must be one of {sorted(LORA_INITS)}, got {self.lora_init!r} (peft's "
+                              "pissa, olora, loftq, eva and corda change the base weights or need data, so an "
+                              "exported adapter would not apply to the base model: not supported)")
+        if self.lora_init == "orthogonal" and self.lora_r % 2:
+            raise ConfigError(f"lora_init 'orthogonal' needs an even lora_r, got {self.lora_r}")
+        if not self.lora_b_lr_ratio > 0:
+            raise ConfigError(f"lora_b_lr_ratio must be > 0 (1 is plain LoRA), got {self.lora_b_lr_ratio}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}")
         for name in ("per_device_train_batch_size", "negatives_per_query", "max_seq_length", "logging_steps",
