@@ -153,7 +153,8 @@ def test_a_preprocessed_folder_with_other_settings_names_the_keys(trained_run, t
 def test_lora_plus_moves_the_b_matrices_at_their_own_learning_rate(trained_run, tmp_path):
     """LoRA+ through ``python -m debater train``: one step of Adam from B = 0 moves each B entry by about the
     learning rate (Adam's first update is +-lr wherever the gradient is not tiny), so the saved B entries sit
-    near 16 x learning_rate; A gets no gradient while B is zero and keeps its start."""
+    near 16 x learning_rate (plain LoRA would put them near 1 x). The run then resumes from its checkpoint,
+    which needs both groups' optimizer state."""
     from safetensors.torch import load_file
 
     lr = 1e-3

@@ -32,10 +32,10 @@ class LossVariant:
     self_distillation: bool  # the SD term is added to the contrastive (CoD) one
 
 
-# the one definition of the variant names; the order is the ablation's (tests seed by it)
 # peft's init_lora_weights for each lora_init: only those that keep the base weights (an adapter then applies as
 # saved, and a resumed run rebuilds the same start)
 LORA_INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
+# the one definition of the variant names; the order is the ablation's (tests seed by it)
 LOSS_VARIANTS = {"vanilla": LossVariant("last_token", False), "sd_only": LossVariant("last_k_tokens", True),
                  "cod_only": LossVariant("step_tokens", False), "full": LossVariant("step_tokens", True)}
 POOLING_MODES = ("last_step", "multi_view", "last_token")
