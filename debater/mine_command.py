@@ -100,15 +100,26 @@ class CachedEncoder:
 
 
 def _query_vectors(rows, instructions: list[str], encoder: CachedEncoder) -> np.ndarray:
-    """[rows, D]: each row's query after its line's instruction, each distinct (instruction, query) once."""
-    by_instruction: dict[str, dict[str, int]] = defaultdict(dict)
-    for row in rows:
-        by_instruction[instructions[(row.line - 1) % len(instructions)]].setdefault(row.query, 0)
-    vectors = {}
+    """[rows, D]: each row's query after its line's instruction, each distinct (instruction, query) encoded once.
+    When every row is such a distinct pair under one instruction (the usual file), the encoded array is the
+    result itself, so the queries are never held twice."""
+    keys = [(instructions[(row.line - 1) % len(instructions)], row.query) for row in rows]
+    by_instruction: dict[str, list[str]] = defaultdict(list)
+    for instruction, text in dict.fromkeys(keys):
+        by_instruction[instruction].append(text)
+    if len(by_instruction) == 1 and sum(map(len, by_instruction.values())) == len(keys):
+        (instruction, texts), = by_instruction.items()
+        return encoder.queries(texts, instruction)
+    vectors = None
     for instruction, texts in by_instruction.items():
-        encoded = encoder.queries(list(texts), instruction)
-        vectors.update({(instruction, text): vector for text, vector in zip(texts, encoded)})
-    return np.stack([vectors[(instructions[(row.line - 1) % len(instructions)], row.query)] for row in rows])
+        encoded = encoder.queries(texts, instruction)
+        if vectors is None:
+            vectors = np.empty((len(keys), encoded.shape[-1]), dtype=encoded.dtype)
+        where = {text: i for i, text in enumerate(texts)}
+        for r, (row_instruction, text) in enumerate(keys):
+            if row_instruction == instruction:
+                vectors[r] = encoded[where[text]]
+    return vectors
 
 
 def _own_positives(rows, position: dict[str, int], normalised: dict[str, list[int]],
@@ -209,8 +220,8 @@ def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list
 
 
 def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[int], positive_score: float,
-                     settings: MiningSettings, rng, entry: dict, stats: dict) -> tuple[list[str], dict] | None:
-    """The row's negatives and sidecar record after the shortfall policy (None: the row is skipped)."""
+                     settings: MiningSettings, rng, entry: dict, stats: dict) -> tuple[list[str], str] | None:
+    """The row's negatives and sidecar line (JSON) after the shortfall policy (None: the row is skipped)."""
     picked = [{"text": pool[d], "id": None if pool_ids is None else pool_ids[d], "score": round(s, 6), "rank": rank,
                "how": "mined"} for d, s, rank in chosen.chosen]
     if len(picked) < settings.k:
@@ -237,10 +248,10 @@ def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[
     stats["kept"] += [p["score"] for p in picked if p["score"] is not None]
     record = {"line": row.line, "positive_score": round(positive_score, 6),
               "negatives": [{k: v for k, v in p.items() if k != "text"} for p in picked]}
-    return [p["text"] for p in picked], record
+    return [p["text"] for p in picked], json.dumps(record)  # a string holds a row's record in a tenth the memory
 
 
-def _write_file(source: Path, target: Path, sidecar: Path, results: dict[int, tuple[list[str], dict] | None]) -> int:
+def _write_file(source: Path, target: Path, sidecar: Path, results: dict[int, tuple[list[str], str] | None]) -> int:
     """Copy the rows that have negatives, every field kept and ``negative`` replaced; write their sidecar."""
     written = 0
     sidecar.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +265,7 @@ def _write_file(source: Path, target: Path, sidecar: Path, results: dict[int, tu
             row = json.loads(raw)
             row["negative"] = negatives
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            side.write(json.dumps(record) + "\n")
+            side.write(record + "\n")
             written += 1
     return written
 

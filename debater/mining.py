@@ -91,13 +91,14 @@ def scores(query: np.ndarray, documents: np.ndarray) -> np.ndarray:
 def search_in_chunks(index: Index, queries: np.ndarray, depth: int, chunk: int,
                      desc: str) -> Iterator[tuple[int, list[tuple[int, float]]]]:
     """(row, its top ``depth`` (document, score) pairs, best first) for every query, ``chunk`` queries per faiss
-    search, with a progress bar: results are used as they come, so only one chunk's are ever held."""
+    search, with a progress bar: only one chunk's scores are held, and one query's hits become Python objects
+    at a time."""
     with tqdm(total=len(queries), desc=desc, unit=" queries", mininterval=2.0) as bar:
         for first in range(0, len(queries), chunk):
-            found = index.search(queries[first:first + chunk], depth)
-            for offset, hits in enumerate(found):
-                yield first + offset, hits
-            bar.update(len(found))
+            scores, rows = index.top_rows(queries[first:first + chunk], depth)
+            for offset in range(len(rows)):
+                yield first + offset, index.documents(scores[offset], rows[offset], depth)
+            bar.update(len(rows))
 
 
 @dataclass

@@ -56,29 +56,42 @@ class Index:
 
     @classmethod
     def in_memory(cls, ids: list, vectors: np.ndarray, model: str) -> "Index":
-        """An index over ``vectors`` ([N, D] or [N, V, D]; row i is ``ids[i]``) that is not saved anywhere."""
+        """An index over ``vectors`` ([N, D] or [N, V, D]; row i is ``ids[i]``) that is not saved anywhere. It
+        searches ``vectors`` in place with faiss's exhaustive kernel, so the vectors are held once, not copied."""
         index = cls.__new__(cls)
         index.folder, index.ids, index.meta = "memory", ids, {"model": model}
         index.views = vectors.shape[1] if vectors.ndim == 3 else 1
-        index.faiss = _flat_index(vectors)
+        index.faiss = None
+        index.vectors = np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1]), dtype=np.float32)
         return index
+
+    def top_rows(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """([queries, n] scores, [queries, n] indexed rows, -1 past the end): the best rows that hold each
+        query's ``top_k`` documents."""
+        if self.faiss is not None:
+            dim, total = self.faiss.d, self.faiss.ntotal
+        else:
+            total, dim = self.vectors.shape
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise ValueError(f"queries have dimension {queries.shape[-1]} but the index in {self.folder} has "
+                             f"{dim}: search with the model that encoded it ({self.meta['model']})")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        depth = min(top_k * self.views, total)  # a document has at most `views` rows
+        if self.faiss is not None:
+            return self.faiss.search(queries, depth)
+        return _faiss().knn(queries, self.vectors, depth, metric=_faiss().METRIC_INNER_PRODUCT)
+
+    def documents(self, row_scores: np.ndarray, row_ids: np.ndarray, top_k: int) -> list[tuple[str, float]]:
+        """One query's ``top_rows`` as up to ``top_k`` (document id, score) pairs, best first."""
+        best: dict[str, float] = {}
+        for score, row in zip(row_scores, row_ids):
+            if row >= 0:
+                best.setdefault(self.ids[row // self.views], float(score))  # first seen = its best view
+        return list(best.items())[:top_k]
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """Per query, up to ``top_k`` (document id, score) pairs, best first."""
-        if queries.ndim != 2 or queries.shape[1] != self.faiss.d:
-            raise ValueError(f"queries have dimension {queries.shape[-1]} but the index in {self.folder} has "
-                             f"{self.faiss.d}: search with the model that encoded it ({self.meta['model']})")
-        # a document has at most `views` rows, so the best top_k * views rows hold its top_k documents
-        scores, rows = self.faiss.search(np.ascontiguousarray(queries, dtype=np.float32),
-                                         min(top_k * self.views, self.faiss.ntotal))
-        results = []
-        for row_scores, row_ids in zip(scores, rows):
-            best: dict[str, float] = {}
-            for score, row in zip(row_scores, row_ids):
-                if row >= 0:
-                    best.setdefault(self.ids[row // self.views], float(score))  # first seen = its best view
-            results.append(list(best.items())[:top_k])
-        return results
+        return [self.documents(s, r, top_k) for s, r in zip(*self.top_rows(queries, top_k))]
 
 
 def run_search(model: str, index_folder: Path, query_ids: list[str], queries: list[str], instruction: str | None,

@@ -96,6 +96,43 @@ def test_each_filter_matches_brute_force(case, views):
     assert wanted <= {reason for reason, n in dropped.items() if n}, dropped  # the filter did drop candidates
 
 
+def test_in_memory_index_searches_the_vectors_in_place():
+    """Mining holds the pool once: the index reads the caller's array (the brute-force tests above check what
+    it finds)."""
+    documents = unit(np.random.default_rng(3), 30, 2, 8)
+    assert np.shares_memory(Index.in_memory(list(range(30)), documents, "test").vectors, documents)
+
+
+class FakeQueryEncoder:
+    """Query vectors that name their (instruction, text); records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def queries(self, texts, instruction):
+        self.calls.append((instruction, list(texts)))
+        self.last = np.array([[sum(map(ord, instruction + text)), len(text)] for text in texts], dtype=np.float32)
+        return self.last
+
+
+def test_query_vectors_encode_each_pair_once_and_follow_the_rows():
+    from collections import namedtuple
+
+    from debater.mine_command import _query_vectors
+
+    Row = namedtuple("Row", "line query")
+    rows = [Row(line, query) for line, query in enumerate(["a", "b", "a", "c", "a", "b"], start=1)]
+    encoder = FakeQueryEncoder()
+    vectors = _query_vectors(rows, ["odd:", "even:"], encoder)  # line 1 -> "odd:", line 2 -> "even:", ...
+    naive = [FakeQueryEncoder().queries([row.query], ["odd:", "even:"][(row.line - 1) % 2])[0] for row in rows]
+    assert np.array_equal(vectors, np.stack(naive))
+    assert sorted(encoder.calls) == [("even:", ["b", "c"]), ("odd:", ["a"])]  # rows 1/3/5 ask "a" once
+    distinct = [Row(line, query) for line, query in enumerate(["x", "y", "z"], start=1)]
+    encoder = FakeQueryEncoder()
+    vectors = _query_vectors(distinct, ["one:"], encoder)  # the usual file: the encoded array itself
+    assert encoder.calls == [("one:", ["x", "y", "z"])] and vectors is encoder.last
+
+
 def test_random_sample_draws_seeded_from_the_survivors():
     rng = np.random.default_rng(5)
     queries, documents = unit(rng, 20, 8), unit(rng, 60, 8)
