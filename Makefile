@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 
 MODEL_DIR := assets/models/smollm2-135m
 DEBIAN_DIR := assets/data/debian
+STDLIB_DOCS_DIR := assets/data/stdlib-docs
 DATA ?= $(DEBIAN_DIR)/echo-data
 PREPROCESSED := assets/preprocessed/debian
 MODEL ?= $(MODEL_DIR)
@@ -48,7 +49,7 @@ endif
 help:
 	@echo "Targets (variables in brackets, defaults in the Makefile's head):"
 	@echo "  setup          .venv with the pinned packages [VENV]"
-	@echo "  assets         embedded model and Debian data into assets/"
+	@echo "  assets         embedded model, Debian data and the stdlib-docs held-out set into assets/"
 	@echo "  preprocess     echo-data -> Arrow shards [DATA, OUT, MODEL, CONFIG, MINE=K for K BM25 negatives]"
 	@echo "  mine           hard negatives mined by a model, positive-aware: echo-data -> echo-data"
 	@echo "                 [MODEL, DATA, OUT, NEG=k negatives per query, ARGS=\"--shortfall fill ...\"]"
@@ -79,6 +80,7 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 assets: setup
 	$(PY) -m debater convert-model --out $(MODEL_DIR)
 	$(PY) -m data_pipeline build-debian --out $(DEBIAN_DIR)
+	$(PY) -m data_pipeline build-stdlib-docs --out $(STDLIB_DOCS_DIR)
 
 preprocess: setup
 	$(PY) -m data_pipeline preprocess --data $(DATA) --out $(or $(OUT),$(PREPROCESSED)) --model $(MODEL) --config $(CONFIG) $(if $(MINE),--mine-bm25 $(MINE))

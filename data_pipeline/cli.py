@@ -49,6 +49,13 @@ def cmd_build_debian(args) -> int:
     return 0
 
 
+def cmd_build_stdlib_docs(args) -> int:
+    from data_pipeline.stdlib_docs import build_stdlib_docs
+
+    print(json.dumps(build_stdlib_docs(args.out, args.stdlib), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
@@ -71,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     deb = sub.add_parser("build-debian", help="build the embedded Debian retrieval data (train + BEIR test)")
     deb.add_argument("--out", type=Path, default=Path("assets/data/debian"), help="(default: assets/data/debian)")
     deb.set_defaults(func=cmd_build_debian)
+    docs = sub.add_parser("build-stdlib-docs", help="build a second held-out BEIR set from the Python standard "
+                                                    "library's docstrings (summary -> the rest)")
+    docs.add_argument("--out", type=Path, default=Path("assets/data/stdlib-docs"),
+                      help="(default: assets/data/stdlib-docs)")
+    docs.add_argument("--stdlib", type=Path, help="a standard library folder (default: this interpreter's)")
+    docs.set_defaults(func=cmd_build_stdlib_docs)
     return run_command(parser, argv, log)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.beir_writer import write_beir, write_jsonl
 from data_pipeline.registry import DATASETS_FILE_NAME
 from data_pipeline.stage_tokenize import write_atomic
 from debater.core.errors import UserError
@@ -157,10 +158,6 @@ def hard_negatives(pairs: list[Package], chunk: int = 1024) -> list[int]:
     return best.tolist()
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
-
-
 def build_debian_data(out_dir: Path) -> dict:
     """Build train (echo-data format) and test (BEIR format) under ``out_dir``; idempotent."""
     summary_path = out_dir / "summary.json"
@@ -175,15 +172,10 @@ def build_debian_data(out_dir: Path) -> dict:
     test = [p for p in pairs if is_test_source(p.source)]
     negatives = hard_negatives(train)
     echo = out_dir / "echo-data"
-    _write_jsonl(echo / f"{TRAIN_FILE_STEM}.jsonl",
+    write_jsonl(echo / f"{TRAIN_FILE_STEM}.jsonl",
                  ({"query": p.short, "positive": p.long, "negative": train[n].long} for p, n in zip(train, negatives)))
     write_atomic(echo / DATASETS_FILE_NAME, lambda tmp: tmp.write_text(json.dumps({TRAIN_FILE_STEM: INSTRUCTION})))
-    beir = out_dir / "test"
-    _write_jsonl(beir / "corpus.jsonl", ({"_id": p.name, "title": "", "text": p.long} for p in test))
-    _write_jsonl(beir / "queries.jsonl", ({"_id": p.name, "text": p.short} for p in test))
-    write_atomic(beir / "qrels" / "test.tsv", lambda tmp: tmp.write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{p.name}\t{p.name}\t1\n" for p in test)))
-    write_atomic(beir / "instruction.txt", lambda tmp: tmp.write_text(INSTRUCTION + "\n"))
+    write_beir(out_dir / "test", [(p.name, p.short, p.long) for p in test], INSTRUCTION)
     summary = {"packages_read": len(packages), "pairs": len(pairs), "dropped": dropped, "train_pairs": len(train),
                "test_pairs": len(test), "train_sources": len({p.source for p in train}),
                "test_sources": len({p.source for p in test}), "indexes": [p.name for p in translations]}
