@@ -85,18 +85,20 @@ class TextEncoder:
         # (the per-step analysis after the main evaluation) encode nothing twice
         self.memory: dict[bytes, np.ndarray] | None = {} if remember else None
 
-    def _run(self, sequences: list[list[int]], method: str, desc: str) -> np.ndarray:
-        """Encode id lists with ``DebaterEncoder.<method>`` (or recall them); rows in input order."""
+    def _run(self, sequences: list[list[int]], method: str, desc: str, view: int | None = None) -> np.ndarray:
+        """Encode id lists with ``DebaterEncoder.<method>`` (or recall them); rows in input order. ``view``
+        keeps only that view of each document, as each batch comes back."""
         if self.memory is None:
-            return self._encode(sequences, method, desc)
-        keys = [hashlib.sha1(method.encode() + np.asarray(s, dtype=np.int64).tobytes()).digest() for s in sequences]
+            return self._encode(sequences, method, desc, view)
+        name = f"{method}:{view}".encode()
+        keys = [hashlib.sha1(name + np.asarray(s, dtype=np.int64).tobytes()).digest() for s in sequences]
         todo = list({key: i for i, key in enumerate(keys) if key not in self.memory}.values())
         if todo:
-            fresh = self._encode([sequences[i] for i in todo], method, desc)
+            fresh = self._encode([sequences[i] for i in todo], method, desc, view)
             self.memory.update({keys[i]: vector for i, vector in zip(todo, fresh)})
         return np.stack([self.memory[key] for key in keys])
 
-    def _encode(self, sequences: list[list[int]], method: str, desc: str) -> np.ndarray:
+    def _encode(self, sequences: list[list[int]], method: str, desc: str, view: int | None) -> np.ndarray:
         """Length-sorted batches shared out to the replicas; rows come back in input order."""
         if not sequences:
             raise ValueError(f"{desc}: nothing to encode (no texts)")
@@ -122,7 +124,7 @@ class TextEncoder:
                     except BaseException:
                         failed.set()
                         raise
-                    vectors = F.normalize(hidden.float(), dim=-1).cpu()
+                    vectors = F.normalize(hidden.float() if view is None else hidden[:, view].float(), dim=-1).cpu()
                     with lock:
                         for position, index in enumerate(chunk):
                             out[index] = vectors[position]
@@ -157,6 +159,10 @@ class TextEncoder:
         return self._run(self.formatter.documents(texts), "encode_documents", "encoding documents")
 
     def documents(self, texts: list[str]) -> np.ndarray:
-        """What the model's pooling uses: [N, D] (last step / last token) or [N, V, D] (multi_view)."""
-        views = self.document_views(texts)
-        return views if self.pooling == "multi_view" else views[:, -1]
+        """What the model's pooling uses: [N, D] (last step / last token) or [N, V, D] (multi_view). The other
+        views are dropped batch by batch (mining a large pool holds one view per document, not K), unless the
+        encoder remembers its outputs for the per-step analysis, which asks for every view of the same texts."""
+        if self.pooling == "multi_view" or self.memory is not None:
+            views = self.document_views(texts)
+            return views if self.pooling == "multi_view" else views[:, -1]
+        return self._run(self.formatter.documents(texts), "encode_documents", "encoding documents", view=-1)

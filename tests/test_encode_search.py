@@ -40,6 +40,19 @@ def test_several_devices_give_the_same_embeddings_as_one(tiny_model):
     assert one.document_views(texts).shape == (len(texts), encoder.settings.num_views, 32)
 
 
+def test_documents_keep_only_the_pooled_view_unless_the_views_are_remembered(tiny_model):
+    _, texts = read_texts(CORPUS)
+    encoder, tokenizer, pooling = load_encoder(str(tiny_model))
+    plain = TextEncoder(encoder, tokenizer, pooling, batch_size=3)
+    views = plain.document_views(texts)
+    assert views.shape[1] > 1 and np.array_equal(plain.documents(texts), views[:, -1])
+    # a row of its own per document, not a strided window on all K views that would keep them alive
+    assert plain.documents(texts).strides[0] == views.shape[-1] * views.itemsize
+    remembering = TextEncoder(encoder, tokenizer, pooling, batch_size=3, remember=True)
+    assert np.array_equal(remembering.documents(texts), views[:, -1])
+    assert remembering.document_views(texts).shape == views.shape  # recalled for the per-step analysis
+
+
 def test_npy_and_arrow_hold_the_same_vectors_and_ids(encoded):
     ids_npy, vectors_npy, meta_npy = load_embeddings(encoded / "npy")
     ids_arrow, vectors_arrow, meta_arrow = load_embeddings(encoded / "arrow")

@@ -71,8 +71,8 @@ def test_last_step_equals_the_main_evaluation_and_documents_are_encoded_once(tin
     calls = []
     encode = TextEncoder._encode
     monkeypatch.setattr(TextEncoder, "_encode",
-                        lambda self, seqs, method, desc: calls.append((method, len(seqs))) or encode(self, seqs,
-                                                                                                   method, desc))
+                        lambda self, seqs, method, desc, view: calls.append((method, len(seqs))) or encode(
+                            self, seqs, method, desc, view))
     args = argparse.Namespace(model=[str(tiny_model)], tasks=[str(FIXTURES / "beir")], out=tmp_path, max_queries=None,
                               max_corpus=None, max_length=None, batch_size=8, per_step=True,
                               trust_remote_code=False, base_model=None)
