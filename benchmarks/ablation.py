@@ -55,6 +55,11 @@ def minilm_folder() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
+def reference_labels() -> dict[str, str]:
+    """model path -> label of the references every evaluation shows: the untrained base model, MiniLM zero-shot."""
+    return {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
+
+
 def demo_config(*overrides: dict) -> dict:
     """The demo config in the paper's document format, then ``overrides`` in order (an arm, a run's settings)."""
     config = {**json.loads(BASE_CONFIG.read_text()), **PAPER_FORMAT}
@@ -102,26 +107,32 @@ def train_all(args: argparse.Namespace) -> dict:
     """Train every (seed, arm) not finished yet, ``--jobs`` at a time; returns each run's wall seconds."""
     pending = [(seed, arm) for seed in args.seeds for arm in args.arms
                if not (args.out / f"{arm}-seed{seed}" / "adapter").exists()]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    return train_runs([arm_config(arm, seed, args, args.out / f"{arm}-seed{seed}") for seed, arm in pending],
+                      args.nproc, args.jobs)
+
+
+def train_runs(configs: list[dict], nproc: int, jobs: int, port: int = 29700) -> dict:
+    """Train each config through the launcher, ``jobs`` at a time (rendezvous ports from ``port`` up); returns
+    each run's wall seconds by its folder's name."""
+    pending = list(configs)
+    running: dict[Path, tuple[subprocess.Popen, float]] = {}
     seconds, failed = {}, []
-    port = 29700
     while pending or running:
-        while pending and len(running) < args.jobs:
-            seed, arm = pending.pop(0)
-            run = args.out / f"{arm}-seed{seed}"
-            running[run.name] = (start_training(arm_config(arm, seed, args, run), args.nproc, port),
-                                 time.perf_counter())
+        while pending and len(running) < jobs:
+            config = pending.pop(0)
+            running[Path(config["output_dir"])] = (start_training(config, nproc, port), time.perf_counter())
             port += 1
         time.sleep(2)
-        for name, (process, start) in list(running.items()):
+        for run, (process, start) in list(running.items()):
             if process.poll() is not None:
-                del running[name]
-                seconds[name] = round(time.perf_counter() - start)
-                print(f"{name}: exit {process.returncode} after {seconds[name]} s", flush=True)
+                del running[run]
+                seconds[run.name] = round(time.perf_counter() - start)
+                print(f"{run.name}: exit {process.returncode} after {seconds[run.name]} s", flush=True)
                 if process.returncode:
-                    failed.append(name)
+                    failed.append(run)
     if failed:
-        raise SystemExit(f"training failed for {failed}: see {args.out}/<run>.log")
+        raise SystemExit(f"training failed for {[run.name for run in failed]}: see "
+                         f"{', '.join(f'{run}.log' for run in failed)}")
     return seconds
 
 
@@ -145,9 +156,10 @@ def exported_checkpoints(run: Path, steps: list[int]) -> dict[int, str]:
     return exports
 
 
-def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict]:
-    """(main results, per-step nDCG@10 lists) of every model, by model path."""
-    command = [sys.executable, "-m", "debater", "eval", "--tasks", TEST_SET, "--out", str(out), "--per-step",
+def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int,
+             tasks: str = TEST_SET) -> tuple[dict, dict]:
+    """(main results, per-step nDCG@10 lists) of every model on one retrieval set, by model path."""
+    command = [sys.executable, "-m", "debater", "eval", "--tasks", tasks, "--out", str(out), "--per-step",
                "--max-queries", str(max_queries), "--max-corpus", str(max_corpus), "--max-length", "64"]
     for model in models:
         command += ["--model", model]
@@ -157,10 +169,12 @@ def evaluate(models: list[str], out: Path, max_queries: int, max_corpus: int) ->
             {model: next(iter(tasks.values()))["ndcg_at_10"] for model, tasks in per_step.items()})
 
 
-def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_corpus: int) -> tuple[dict, dict, int]:
+def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_corpus: int,
+                 tasks: str = TEST_SET) -> tuple[dict, dict, int]:
     """Evaluate only the models not yet in ``folder/cache.json`` (in a new ``batch-N`` folder), so evaluation
     can also run in parts; returns (scores, per-step nDCG@10) by label for every model in ``labels``, and the
-    seconds their evaluations took, summed over parts."""
+    seconds their evaluations took, summed over parts. ``tasks``: the retrieval set (default: the Debian test
+    subset); one ``folder`` per set."""
     cache_path = folder / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     missing = [model for model, label in labels.items() if label not in cache]
@@ -168,7 +182,7 @@ def evaluate_new(labels: dict[str, str], folder: Path, max_queries: int, max_cor
         folder.mkdir(parents=True, exist_ok=True)
         batch = folder / f"batch-{len(list(folder.glob('batch-*')))}"
         batch.mkdir()
-        results, per_step = evaluate(missing, batch, max_queries, max_corpus)
+        results, per_step = evaluate(missing, batch, max_queries, max_corpus, tasks)
         for model in missing:
             cache[labels[model]] = {"scores": next(iter(results[model]["scores"].values())),
                                     "per_step": per_step.get(model), "seconds": results[model]["seconds"]}
@@ -203,11 +217,10 @@ def summarise(scores: dict[str, dict], plateau: dict[str, int | None]) -> dict:
             for arm, by_step in grouped.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = benchmark_parser("ablation", __doc__, model=False)
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The options that set every run's training (``arm_config`` reads them) and how runs are launched; shared
+    with the benchmarks that train as the ablation does."""
     parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--body", type=int, default=44,
                         help="document body tokens (BOS included) every arm keeps, whatever its suffix costs")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per training run")
@@ -219,13 +232,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other training config key, for diagnostics (e.g. scale=60)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (a large GPU fits several)")
     parser.add_argument("--save-every", type=int, default=60, help="checkpoint interval; every one is kept")
-    parser.add_argument("--eval-steps", type=int, nargs="+", default=[60, 120, 240],
-                        help="checkpoints to evaluate (those that exist)")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """The evaluation subset's size and the choice to train only or evaluate only."""
     parser.add_argument("--max-queries", type=int, default=200)
     parser.add_argument("--max-corpus", type=int, default=600)
     phase = parser.add_mutually_exclusive_group()
     phase.add_argument("--skip-eval", action="store_true", help="train only; evaluate later with --eval-only")
     phase.add_argument("--eval-only", action="store_true", help="evaluate the runs already under --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser("ablation", __doc__, model=False)
+    add_training_options(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[60, 120, 240],
+                        help="checkpoints to evaluate (those that exist)")
+    add_evaluation_options(parser)
     args = parser.parse_args(argv)
     record_path = args.out / TRAINING_RECORD
     if not args.eval_only:
@@ -245,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted(path.parent for path in args.out.glob("*-seed*/adapter"))
     if not runs:
         raise SystemExit(f"no trained runs (<arm>-seed<seed>/adapter) under {args.out}")
-    labels = {BASE_MODEL: "SmolLM2-135M base (untrained)", minilm_folder(): "MiniLM-L6 (zero-shot)"}
+    labels = reference_labels()
     for run in runs:
         labels.update({path: f"{run.name}@{step}" for step, path in exported_checkpoints(run, args.eval_steps).items()})
     scores, per_step, eval_seconds = evaluate_new(labels, args.out / "eval", args.max_queries, args.max_corpus)

@@ -60,8 +60,9 @@ def test_evaluation_in_parts_only_evaluates_new_models(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_evaluate(models, out, max_queries, max_corpus):
+    def fake_evaluate(models, out, max_queries, max_corpus, tasks):
         calls.append((list(models), out.name))
+        assert tasks == ablation.TEST_SET
         return ({m: {"scores": {"debian-test": {"ndcg_at_10": len(m) / 100}}, "seconds": 10.0} for m in models},
                 {m: [0.1, 0.2] for m in models if m.startswith("run")})
 
