@@ -134,6 +134,7 @@ bench: assets
 	$(PY) -m benchmarks grad_cache --batches 32 --nproc 2 --modes cached --chunk 8 --length 128 --steps 1 --out $(BENCH)/grad_cache_global64
 	$(PY) -m benchmarks ablation --arms vanilla full --seeds 42 7 1 --skip-eval --out $(BENCH)/ablation
 	$(PY) -m benchmarks ablation --arms sd_only cod_only full_eos_no_prompt --seeds 42 --out $(BENCH)/ablation
+	$(PY) -m benchmarks mining_rounds --seeds 42 7 1 --out $(BENCH)/mining_rounds
 	$(PY) -m benchmarks report $(BENCH)
 
 wheelhouse: assets

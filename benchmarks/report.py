@@ -1,7 +1,8 @@
 """Gather the benchmark results under one folder into report.md.
 
-Each speed ratio with its command and machine, then one table per ablation (``ablation*/ablation.json``).
-Only results that exist are reported; nothing is filled in."""
+Each speed ratio with its command and machine, then one table per ablation (``ablation*/ablation.json``) and
+per mining-rounds comparison (``mining_rounds*/mining_rounds.json``). Only results that exist are reported;
+nothing is filled in."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,14 @@ def speed_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def spread_cell(cell: dict | None) -> str:
+    """mean ± sample std [min, max] (n) of one score over seeds; empty when not measured."""
+    if cell is None:
+        return ""
+    std = "" if cell["std"] is None else f" ± {cell['std']:.4f}"
+    return f"{cell['mean']:.4f}{std} [{cell['min']:.4f}, {cell['max']:.4f}] ({cell['n']})"
+
+
 def ablation_lines(name: str, result: dict) -> list[str]:
     overrides = ", ".join(f"{key}={value!r}" for key, value in result.get("overrides", {}).items())
     train_minutes = sum(result["train_seconds"].values()) / 60
@@ -44,12 +53,8 @@ def ablation_lines(name: str, result: dict) -> list[str]:
               "| arm | " + " | ".join(f"step {step}" for step in steps) + " | left the plateau at |",
               "|---" * (len(steps) + 2) + "|"]
     for arm, summary in result["arms"].items():
-        cells = []
-        for step in steps:
-            cell = summary["ndcg_at_10"].get(str(step), summary["ndcg_at_10"].get(step))
-            std = "" if cell is None or cell["std"] is None else f" ± {cell['std']:.4f}"
-            cells.append("" if cell is None else
-                         f"{cell['mean']:.4f}{std} [{cell['min']:.4f}, {cell['max']:.4f}] ({cell['n']})")
+        cells = [spread_cell(summary["ndcg_at_10"].get(str(step), summary["ndcg_at_10"].get(step)))
+                 for step in steps]
         left = ", ".join(f"{run.split('-seed')[1]}: {step if step is not None else '-'}"
                          for run, step in summary["left_plateau_at"].items())
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {left} |")
@@ -57,6 +62,24 @@ def ablation_lines(name: str, result: dict) -> list[str]:
     for model, scores in result["scores"].items():
         lines.append(f"| {model} | {scores['ndcg_at_10']:.4f} | {scores['recall_at_10']:.4f} | "
                      f"{scores['mrr_at_10']:.4f} |")
+    return lines
+
+
+def rounds_lines(name: str, result: dict) -> list[str]:
+    """Each negative source's nDCG@10 on each held-out set at the budget, and its false-negative proxies."""
+    step = str(result["settings"]["steps"])
+    sets = list(result["arms"])
+    lines = [f"## Mining rounds: {name}", "", f"{result['summary']}; command: `{result['command']}`", "",
+             "nDCG@10 over seeds: mean ± sample std [min, max] (n). False-negative proxies per data folder: the "
+             "share of its negatives that are near-duplicates of their positive, and that score above it.", "",
+             "| negatives | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for arm in result["arms"][sets[0]]:
+        cells = [spread_cell(result["arms"][eval_set].get(arm, {}).get("ndcg_at_10", {}).get(step))
+                 for eval_set in sets]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "| data folder | near-duplicate | above the positive |", "|---|---|---|"]
+    for folder, proxy in result["false_negative_proxy"].items():
+        lines.append(f"| {folder} | {proxy['near_duplicate']} | {proxy['above_positive']} |")
     return lines
 
 
@@ -81,6 +104,8 @@ def build_report(folder: Path) -> str:
         except KeyError as missing:  # a record from an older version of the ablation
             lines += [f"## Ablation: {ablation.parent.name}", "",
                       f"not reported: {ablation} has no {missing} field; rerun that ablation", ""]
+    for rounds in sorted(folder.glob("mining_rounds*/mining_rounds.json")):
+        lines += rounds_lines(rounds.parent.name, json.loads(rounds.read_text())) + [""]
     if "view_signal" in results:
         lines += view_signal_lines(results["view_signal"])
     return "\n".join(lines) + "\n"

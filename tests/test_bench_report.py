@@ -1,5 +1,5 @@
-"""The benchmark report renders what exists (speed ratios, the ablation record, the view-signal table) and marks
-what was not run, without filling anything in."""
+"""The benchmark report renders what exists (speed ratios, the ablation record, the mining rounds, the view-signal
+table) and marks what was not run, without filling anything in."""
 from __future__ import annotations
 
 import json
@@ -56,3 +56,18 @@ def test_an_ablation_record_missing_a_field_is_named_not_a_crash(tmp_path):
     write(tmp_path / "ablation" / "ablation.json", {"steps": 60, "seeds": [42], "scores": {}})
     report = build_report(tmp_path)
     assert "has no 'train_seconds' field; rerun that ablation" in report
+
+
+def test_mining_rounds_render_each_source_on_each_set_with_its_proxies(tmp_path):
+    cell = {"mean": 0.6, "std": 0.05, "min": 0.55, "max": 0.65, "n": 3}
+    write(tmp_path / "mining_rounds" / "mining_rounds.json", {
+        "settings": {"steps": 240}, "seeds": [1, 7, 42], "summary": "mining rounds (240 steps): ...",
+        "command": "python -m benchmarks mining_rounds",
+        "arms": {"debian": {"given": {"ndcg_at_10": {"240": cell}}, "bm25": {"ndcg_at_10": {"240": cell}}},
+                 "stdlib-docs": {"given": {"ndcg_at_10": {"240": {**cell, "std": None, "n": 1}}}}},
+        "false_negative_proxy": {"bm25": {"queries": 2000, "near_duplicate": 0.23, "above_positive": None}}})
+    report = build_report(tmp_path)
+    assert "## Mining rounds: mining_rounds" in report and "| negatives | debian | stdlib-docs |" in report
+    assert "| given | 0.6000 ± 0.0500 [0.5500, 0.6500] (3) | 0.6000 [0.5500, 0.6500] (1) |" in report
+    assert "| bm25 | 0.6000 ± 0.0500 [0.5500, 0.6500] (3) |  |" in report  # not evaluated there: left empty
+    assert "| bm25 | 0.23 | None |" in report

@@ -69,3 +69,14 @@ def test_report_runs_through_the_entry_point(tmp_path):
     (tmp_path / "trainer.json").write_text(json.dumps({"summary": "trainer 1.11x", "machine": "m", "command": "c"}))
     assert run_benchmark(["report", str(tmp_path)]) == 0
     assert "- **trainer**: trainer 1.11x" in (tmp_path / "report.md").read_text()
+
+
+def test_measured_run_counts_a_spike_shorter_than_its_sampling():
+    spike = "import time; b = bytearray(200 << 20); del b; time.sleep(0.2); print('done')"
+    peak, seconds, stdout = common.measured_run([sys.executable, "-c", spike])
+    assert peak >= 200 and stdout == "done\n" and seconds > 0.2
+
+
+def test_measured_run_raises_with_the_failing_commands_stderr():
+    with pytest.raises(RuntimeError, match="exited with 3: oops"):
+        common.measured_run([sys.executable, "-c", "import sys; sys.stderr.write('oops'); sys.exit(3)"])
