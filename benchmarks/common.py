@@ -80,30 +80,35 @@ def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
     return values
 
 
+def peak_of_process(pid: int) -> int:
+    """A live process's own resident-set high-water mark in bytes (VmHWM; 0 when unreadable). It starts afresh
+    at exec, unlike getrusage's ru_maxrss, which keeps the forking parent's size."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def measured_run(command: list[str]) -> tuple[float, float, str]:
     """Run ``command``: (its peak memory in MiB; its wall seconds; its stdout). The peak is the summed RSS of it
-    and all its children, sampled every 50 ms, or, when higher, the exact peak of its largest single process
-    (the kernel's ru_maxrss), which a spike shorter than 50 ms cannot hide from. Its stderr is dropped unless it
-    fails."""
+    and all its children, sampled every 50 ms, or, when higher, the high-water mark of its largest single
+    process, which holds a spike shorter than the sampling. Its stderr is dropped unless it fails."""
     import psutil
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
         parent, peak = psutil.Process(process.pid), 0
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
+        while process.poll() is None:
             try:
                 tree = [parent, *parent.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()),
+                           *(peak_of_process(p.pid) for p in tree))
             except psutil.Error:
                 pass
             time.sleep(0.05)
         seconds = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        peak = max(peak, usage.ru_maxrss * 1024)  # Linux reports ru_maxrss in KiB
         out.seek(0)
         err.seek(0)
         if process.returncode:
