@@ -173,7 +173,7 @@ def build_debian_data(out_dir: Path) -> dict:
     negatives = hard_negatives(train)
     echo = out_dir / "echo-data"
     write_jsonl(echo / f"{TRAIN_FILE_STEM}.jsonl",
-                 ({"query": p.short, "positive": p.long, "negative": train[n].long} for p, n in zip(train, negatives)))
+                ({"query": p.short, "positive": p.long, "negative": train[n].long} for p, n in zip(train, negatives)))
     write_atomic(echo / DATASETS_FILE_NAME, lambda tmp: tmp.write_text(json.dumps({TRAIN_FILE_STEM: INSTRUCTION})))
     write_beir(out_dir / "test", [(p.name, p.short, p.long) for p in test], INSTRUCTION)
     summary = {"packages_read": len(packages), "pairs": len(pairs), "dropped": dropped, "train_pairs": len(train),

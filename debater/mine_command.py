@@ -248,7 +248,7 @@ def _apply_shortfall(row, chosen, query, pool, pool_ids, pool_vectors, own: set[
     stats["kept"] += [p["score"] for p in picked if p["score"] is not None]
     record = {"line": row.line, "positive_score": round(positive_score, 6),
               "negatives": [{k: v for k, v in p.items() if k != "text"} for p in picked]}
-    return [p["text"] for p in picked], json.dumps(record)  # a string holds a row's record in a tenth the memory
+    return [p["text"] for p in picked], json.dumps(record)  # one string per row held until written, not dicts
 
 
 def _write_file(source: Path, target: Path, sidecar: Path, results: dict[int, tuple[list[str], str] | None]) -> int:

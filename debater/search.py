@@ -79,7 +79,8 @@ class Index:
         depth = min(top_k * self.views, total)  # a document has at most `views` rows
         if self.faiss is not None:
             return self.faiss.search(queries, depth)
-        return _faiss().knn(queries, self.vectors, depth, metric=_faiss().METRIC_INNER_PRODUCT)
+        faiss = _faiss()
+        return faiss.knn(queries, self.vectors, depth, metric=faiss.METRIC_INNER_PRODUCT)
 
     def documents(self, row_scores: np.ndarray, row_ids: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         """One query's ``top_rows`` as up to ``top_k`` (document id, score) pairs, best first."""
