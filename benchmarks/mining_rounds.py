@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import shlex
 import shutil
@@ -50,10 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from benchmarks.ablation import (BASE_MODEL, TEST_SET, TRAIN_DATA, add_evaluation_options, add_training_options,
                                  arm_config, evaluate_new, exported_checkpoints, left_plateau_at,
@@ -63,6 +61,7 @@ from data_pipeline.mine import mine_bm25, mined_for_lines
 from data_pipeline.reader import ReadCounts, read_rows
 from data_pipeline.registry import DATASETS_FILE_NAME
 from debater.core.errors import UserError
+from debater.mine_command import published
 from debater.mining import normalise_text
 from debater.run_folder import latest_step
 
@@ -150,19 +149,6 @@ def remaining_steps(out: Path, seeds: list[int], teacher: bool, steps: int) -> l
 
 
 # ---------------------------------------------------------------------------------------------- the data
-@contextmanager
-def published(folder: Path) -> Iterator[Path]:
-    """A folder written whole or not at all: built in a hidden folder beside it, renamed at the end."""
-    work = folder.parent / f".{folder.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        yield work
-        os.replace(work, folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def copy_instructions(source: Path, folder: Path) -> None:
     if (source / DATASETS_FILE_NAME).exists():
         shutil.copy(source / DATASETS_FILE_NAME, folder / DATASETS_FILE_NAME)

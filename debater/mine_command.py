@@ -21,8 +21,10 @@ import os
 import shutil
 import zlib
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -280,13 +282,24 @@ def _check_out(data: Path, out: Path, overwrite: bool) -> None:
                           "pass another --out")
 
 
-def _publish(work: Path, out: Path) -> None:
-    """Put the finished ``work`` folder in place of ``out`` with renames only."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def published(folder: Path) -> Iterator[Path]:
+    """A hidden folder beside ``folder`` to write into; when the block ends without an error it takes
+    ``folder``'s place (an earlier one moved aside first) with renames only, so ``folder`` is whole or absent,
+    never half-written. On an error nothing is left."""
+    work = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(work, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def mine(data: Path, out: Path, model: str, settings: MiningSettings, corpus: Path | None = None,
@@ -304,11 +317,8 @@ def mine(data: Path, out: Path, model: str, settings: MiningSettings, corpus: Pa
         raise MiningError(f"--chunk must be at least 1, got {chunk}")
     pool = read_texts(corpus) if corpus is not None else None
     encoder = CachedEncoder(model, cache, batch_size, max_length, base_model)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        (work / MINING_DIR).mkdir(parents=True)
+    with published(out) as work:
+        (work / MINING_DIR).mkdir()
         entries = [mine_file(path, instructions[path.stem], pool, encoder, settings, chunk, work) for path in files]
         if (data / DATASETS_FILE_NAME).exists():
             shutil.copy(data / DATASETS_FILE_NAME, work / DATASETS_FILE_NAME)
@@ -319,7 +329,4 @@ def mine(data: Path, out: Path, model: str, settings: MiningSettings, corpus: Pa
                     "and given negatives", "settings": asdict(settings), "totals": totals,
                     "files": entries}
         (work / MINING_DIR / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return manifest
