@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from debater.core.allocator import release_large_blocks
 from debater.core.cli_support import EMBEDDED_MODEL, config_override, run_command
 
 log = logging.getLogger("debater")
@@ -95,6 +96,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from debater.evaluate import run_evaluation
 
+    release_large_blocks()
     run_evaluation(args)
     return 0
 
@@ -102,6 +104,7 @@ def cmd_eval(args) -> int:
 def cmd_encode(args) -> int:
     from debater.encode_command import encode_corpus
 
+    release_large_blocks()
     print(encode_corpus(args.model, args.corpus, args.out, args.format, args.batch_size, args.max_length,
                         args.base_model))
     return 0
@@ -120,6 +123,7 @@ def cmd_mine(args) -> int:
     from debater.mine_command import mine
     from debater.mining import MiningSettings
 
+    release_large_blocks()
     settings = MiningSettings(args.negatives, args.relative_margin, args.absolute_margin, args.max_score,
                               tuple(args.rank_window), args.sample, args.shortfall, args.seed)
     command = shlex.join(["python", "-m", "debater", *args.argv])
