@@ -188,7 +188,7 @@ def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list
     encoded = encode_file(path, instructions, corpus, encoder)
     rows, counts, pool, pool_ids, own = encoded.rows, encoded.counts, encoded.pool, encoded.pool_ids, encoded.own
     entry = {"excluded": Counter(own_positive=0, own_positive_text=0), "dropped": Counter({f: 0 for f in FILTERS}),
-             "short": 0, "shortfall": Counter()}
+             "short": 0, "shortfall": Counter(), "positive_outranked": 0}
     stats: dict[str, list[float]] = {"positive": [], "kept": [], "dropped": []}
     results: dict[int, tuple[list[str], dict]] = {}
     if rows:
@@ -200,6 +200,8 @@ def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list
             entry["excluded"]["own_positive_text"] += len(alike)
             positive_score = float(scores(queries[r], encoded.documents[encoded.position[row.positive]][None])[0])
             rng = np.random.default_rng([settings.seed, zlib.crc32(path.name.encode()), row.line])
+            best = next((score for d, score in hits if d not in same | alike), None)
+            entry["positive_outranked"] += best is not None and best > positive_score
             chosen = select(hits, same | alike, positive_score, settings, rng)
             entry["dropped"].update(chosen.drops)
             stats["positive"].append(positive_score)
@@ -215,9 +217,15 @@ def mine_file(path: Path, instructions: list[str], corpus: tuple[list[str], list
     entry = {"file": path.name, "read": counts.read, "written": written,
              "skipped": dict(sorted((k, v) for k, v in skipped.items() if v)), "pool": len(pool),
              "excluded": dict(entry["excluded"]), "dropped": dict(entry["dropped"]), "short": entry["short"],
-             "shortfall": dict(entry["shortfall"]), "scores": {name: score_summary(v) for name, v in stats.items()}}
+             "shortfall": dict(entry["shortfall"]), "positive_outranked": entry["positive_outranked"],
+             "scores": {name: score_summary(v) for name, v in stats.items()}}
     log.info("%s: read %d, written %d, skipped %s; %d short of %d", path.name, entry["read"], written,
              entry["skipped"] or "none", entry["short"], settings.k)
+    if entry["positive_outranked"] > len(rows) / 2:
+        log.warning("%s: for %d of %d rows the model scores a candidate above the positive: it does not retrieve "
+                    "this data well yet, so its top candidates are mostly its own errors and a positive-aware "
+                    "filter drops most of them (%d rows short here); mine with a stronger model (docs/mining.md)",
+                    path.name, entry["positive_outranked"], len(rows), entry["short"])
     return entry
 
 

@@ -241,6 +241,8 @@ def test_shortfall_policies_and_manifest_arithmetic(mined, tiny_model):
     expected = reference(matrix, own, [matrix[i, pool.index(r["positive"])] for i, r in enumerate(valid)], settings)
     short = sum(len(chosen) < 3 for chosen, _, _ in expected)
     assert 0 < short < len(valid)  # the settings leave some rows short, not all
+    outranked = sum(max(matrix[i, d] for d in range(len(pool)) if d not in own[i]) > matrix[i, pool.index(r["positive"])]
+                    for i, r in enumerate(valid))
     assert all(sum(e[2].get(f, 0) for e in expected) for f in ("rank_window", "max_score", "relative_margin"))
 
     for policy, out in outs.items():
@@ -250,6 +252,7 @@ def test_shortfall_policies_and_manifest_arithmetic(mined, tiny_model):
         assert file["read"] == file["written"] + sum(file["skipped"].values())
         assert file["skipped"].get("positive_missing") == 1 and file["skipped"].get("malformed_json") == 1
         assert file["short"] == short
+        assert file["positive_outranked"] == outranked
         assert file["dropped"] == {f: sum(e[2].get(f, 0) for e in expected)
                                    for f in ("rank_window", "max_score", "absolute_margin", "relative_margin")}
         assert file["scores"]["kept"]["count"] == sum(len(r["negative"]) for r in rows) - file["shortfall"].get("kept_given", 0)
