@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 def lr_lambda(config: TrainConfig, total_steps: int):
     """Linear warm-up, then decay over ``total_steps`` (the planned epoch, as the released code:
     ``stop_after_n_steps`` cuts the run short without compressing the schedule, so a stopped
-    and resumed run follows the same learning rates as an uninterrupted one)."""
+    and resumed run follows the same learning rates as an uninterrupted one); times the start boost, if any."""
     warmup = min(config.warmup_steps, total_steps)
 
-    def factor(step: int) -> float:
+    def scheduled(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -51,7 +51,15 @@ def lr_lambda(config: TrainConfig, total_steps: int):
             return max(0.0, 1.0 - progress)
         return 1.0
 
-    return factor
+    def boost(step: int) -> float:
+        """lr_start_boost at step 0, down to 1 by lr_start_boost_steps: a large rate only while the run is
+        still on the chance plateau (docs/benchmarks.md)."""
+        if step >= config.lr_start_boost_steps:
+            return 1.0
+        fading = 0.5 * (1.0 + math.cos(math.pi * step / config.lr_start_boost_steps))
+        return 1.0 + (config.lr_start_boost - 1.0) * fading
+
+    return lambda step: scheduled(step) * boost(step)
 
 
 def build_ds_config(path: str, config: TrainConfig, world: int) -> dict:
@@ -233,12 +241,13 @@ def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckp
         if not math.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}: stopping; the last good "
                                 f"checkpoint stays 'latest' in {ckpt_dir}")
+        rate = training_step.scheduler.get_last_lr()[0]  # the rate this step uses (update moves to the next)
         grad_norm = training_step.update(step + 1, str(ckpt_dir))
         step, next_batch = step + 1, next_batch + 1
         bar.update(1)
         if step % config.logging_steps == 0 or step == total_steps:
             values = window.values()
-            values.update({"train/learning_rate": training_step.scheduler.get_last_lr()[0],
+            values.update({"train/learning_rate": rate,
                            "train/grad_norm": grad_norm,
                            "train/grad_cache_chunk_size": config.grad_cache_chunk_size,
                            "memory/peak_mb": peak_memory_mb(engine.device),

@@ -168,6 +168,8 @@ def test_accepted_types():
     ("pooling_mode", "mean", "pooling_mode"),
     ("torch_dtype", "int8", "torch_dtype"),
     ("lr_scheduler_type", "step", "lr_scheduler_type"),
+    ("lr_start_boost", 0, "lr_start_boost"),
+    ("lr_start_boost", 10, "lr_start_boost_steps >= 1"),
     ("per_device_train_batch_size", 0, "per_device_train_batch_size"),
     ("max_seq_length", -1, "max_seq_length"),
     ("negatives_per_query", 0, "negatives_per_query"),

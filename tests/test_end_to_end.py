@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -170,3 +171,20 @@ def test_lora_plus_moves_the_b_matrices_at_their_own_learning_rate(trained_run, 
     moved = b_entries[b_entries > 0]
     assert len(moved) > 0.9 * len(b_entries)
     assert 0.9 * 16 * lr < float(moved.median()) <= 16 * lr * 1.001, float(moved.median())
+
+
+def test_start_boost_raises_the_first_steps_learning_rate_then_fades(trained_run, tmp_path):
+    """``lr_start_boost`` through ``python -m debater train``: the learning rates the run logs are the constant
+    rate times 1 + (boost - 1) x the cosine fade over ``lr_start_boost_steps``, then the plain rate."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lr, boost, fade = 1e-3, 10.0, 2
+    done = _train_again(trained_run, tmp_path, output_dir=str(tmp_path / "run"), stop_after_n_steps=3,
+                        dataset_file_path=str(trained_run / "preprocessed"), per_device_train_batch_size=8,
+                        learning_rate=lr, warmup_steps=0, lr_scheduler_type="constant", logging_steps=1,
+                        lr_start_boost=boost, lr_start_boost_steps=fade)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    logged = [e.value for e in events.Scalars("train/learning_rate")]
+    expected = [lr * (1 + (boost - 1) * 0.5 * (1 + math.cos(math.pi * min(step, fade) / fade))) for step in range(3)]
+    assert logged == pytest.approx(expected, rel=1e-5), logged

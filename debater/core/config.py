@@ -99,6 +99,9 @@ class TrainConfig:
     learning_rate: float = key(2e-4, "peak AdamW learning rate")
     warmup_steps: int = key(300, "linear warm-up steps")
     lr_scheduler_type: str = key("cosine", "decay after warm-up over the planned epoch: cosine, linear or constant")
+    lr_start_boost: float = key(1.0, "the learning rate starts at this times its scheduled value and comes down to "
+                                     "it (cosine) over lr_start_boost_steps; 1: off (not the paper's setting)")
+    lr_start_boost_steps: int = key(0, "steps over which lr_start_boost comes down to 1")
     weight_decay: float = key(0.0, "AdamW weight decay")
     max_grad_norm: float = key(1.0, "gradient clipping norm")
     per_device_train_batch_size: int = key(64, "queries per rank per step; the global batch is this x ranks")
@@ -181,6 +184,12 @@ class TrainConfig:
             raise ConfigError(f"lora_init 'orthogonal' needs an even lora_r, got {self.lora_r}")
         if not self.lora_b_lr_ratio > 0:
             raise ConfigError(f"lora_b_lr_ratio must be > 0 (1 is plain LoRA), got {self.lora_b_lr_ratio}")
+        if not self.lr_start_boost > 0 or self.lr_start_boost_steps < 0:
+            raise ConfigError(f"lr_start_boost must be > 0 and lr_start_boost_steps >= 0, got {self.lr_start_boost} "
+                              f"and {self.lr_start_boost_steps}")
+        if self.lr_start_boost != 1 and self.lr_start_boost_steps == 0:
+            raise ConfigError(f"lr_start_boost {self.lr_start_boost} needs lr_start_boost_steps >= 1: the steps over "
+                              "which the boost comes down to 1")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be cosine, linear or constant, got {self.lr_scheduler_type!r}")
         for name in ("per_device_train_batch_size", "negatives_per_query", "max_seq_length", "logging_steps",
