@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_parser, machine_description, tensorboard_scalars, write_result
+from benchmarks.common import benchmark_parser, free_port, machine_description, tensorboard_scalars, write_result
 from debater.core.cli_support import EMBEDDED_MODEL, config_override
 from debater.core.errors import UserError
 from debater.core.prompts import DEFAULT_PROMPT
@@ -111,17 +111,16 @@ def train_all(args: argparse.Namespace) -> dict:
                       args.nproc, args.jobs)
 
 
-def train_runs(configs: list[dict], nproc: int, jobs: int, port: int = 29700) -> dict:
-    """Train each config through the launcher, ``jobs`` at a time (rendezvous ports from ``port`` up); returns
-    each run's wall seconds by its folder's name."""
+def train_runs(configs: list[dict], nproc: int, jobs: int) -> dict:
+    """Train each config through the launcher, ``jobs`` at a time, each on a free rendezvous port; returns each
+    run's wall seconds by its folder's name."""
     pending = list(configs)
     running: dict[Path, tuple[subprocess.Popen, float]] = {}
     seconds, failed = {}, []
     while pending or running:
         while pending and len(running) < jobs:
             config = pending.pop(0)
-            running[Path(config["output_dir"])] = (start_training(config, nproc, port), time.perf_counter())
-            port += 1
+            running[Path(config["output_dir"])] = (start_training(config, nproc, free_port()), time.perf_counter())
         time.sleep(2)
         for run, (process, start) in list(running.items()):
             if process.poll() is not None:

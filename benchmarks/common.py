@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,14 @@ def benchmark_parser(name: str, doc: str, model: bool = True) -> argparse.Argume
     parser.add_argument("--out", type=Path, default=BENCH_DIR / name,
                         help="the result is OUT.json; runs of its own, if any, go under OUT/ (default: %(default)s)")
     return parser
+
+
+def free_port() -> int:
+    """A port the system has free now: each launched run's rendezvous gets its own, so benchmarks (or two
+    of one) can train side by side."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def machine_description() -> str:

@@ -29,10 +29,9 @@ import torch
 
 from benchmarks import gpu_training
 from benchmarks.ablation import TEST_SET, TRAIN_DATA
-from benchmarks.common import benchmark_parser
+from benchmarks.common import benchmark_parser, free_port
 from benchmarks.gpu_budget import (GPU_CHECKPOINT_EVERY, GPU_PARTS, GPU_TRAINING, SMOKE_CHECKPOINT_EVERY,
                                    SMOKE_PARTS, SMOKE_TRAINING, training_deadline)
-from benchmarks.launched import free_port
 from benchmarks.preflight import preflight
 from benchmarks.step_throughput import SHAPE
 from benchmarks.tiny_model import build_tiny_model, echo_texts

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from benchmarks.ablation import ARMS, PAPER_FORMAT, demo_config, start_training
-from benchmarks.common import tensorboard_scalars
+from benchmarks.common import free_port, tensorboard_scalars
 from benchmarks.gpu_budget import GPU_TRAINING
-from benchmarks.launched import free_port
 
 TRAINING_ARMS = {"vanilla": ARMS["vanilla"], "full_paper_format": {**PAPER_FORMAT, **ARMS["full"]},
                  "full_small_scale_format": ARMS["full_eos_no_prompt"]}

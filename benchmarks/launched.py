@@ -3,18 +3,11 @@ paper's document format, trained from scratch, read back from its TensorBoard lo
 from __future__ import annotations
 
 import shutil
-import socket
 import statistics
 from pathlib import Path
 
 from benchmarks.ablation import TRAIN_DATA, demo_config, start_training
-from benchmarks.common import tensorboard_scalars
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from benchmarks.common import free_port, tensorboard_scalars
 
 
 def paper_format_config(run: Path, batch: int, length: int, steps: int, extra: dict) -> dict:

@@ -79,7 +79,6 @@ HAND_CHECK_DRAW = 0  # the seed of the hand check's draw of queries
 RECORD = "record.json"
 SUBSET_RECORD = "subset.json"
 MINING_DIR, MANIFEST = "mining", "manifest.json"
-FIRST_PORT = 29800  # clear of the ablation's (29700 up), so both can run at once
 
 
 class Step(NamedTuple):
@@ -260,7 +259,7 @@ def train(steps: list[Step], args: argparse.Namespace, record: dict) -> None:
     for config in configs:
         run = Path(config["output_dir"])
         record["commands"][run.name] = f"launch/single_node.sh {run.parent / f'{run.name}.json'} {args.nproc}"
-    for name, seconds in train_runs(configs, args.nproc, args.jobs, FIRST_PORT).items():
+    for name, seconds in train_runs(configs, args.nproc, args.jobs).items():
         record["train_seconds"][name] = record["train_seconds"].get(name, 0) + seconds
 
 

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.ablation import TRAIN_DATA, start_training
-from benchmarks.common import benchmark_parser, write_result
-from benchmarks.launched import free_port
+from benchmarks.common import benchmark_parser, free_port, write_result
 
 DEMO_CONFIG = Path("launch/configs/demo-smollm2.json")
 PROGRESS = re.compile(r"training:\s+\d+%\|[^|]*\|\s*(\d+)/\d+")
