@@ -1,7 +1,7 @@
 """Mining rounds: given, BM25 and model-mined hard negatives, each trained from the base model alike.
 
 Every run trains the ablation's ``full`` arm (paper format, ``benchmarks.ablation.arm_config``) for ``--steps``
-on the same ``--rows`` Debian rows; only the negatives differ:
+on the same ``--rows`` Debian rows (a seeded draw); only the negatives differ:
 
 - ``given``: the rows' own negatives (round 1; its runs are also the model that mines for round 2);
 - ``bm25``: ``--negatives`` BM25 negatives per row (``data_pipeline.mine.mine_bm25``) in place of the given ones;
@@ -40,7 +40,6 @@ what is under ``--out`` at the budget it was trained for. Layout: data ``OUT/dat
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import shlex
@@ -76,6 +75,7 @@ SHINGLE_WORDS = 5
 NEAR_DUPLICATE_JACCARD = 0.8
 HAND_CHECK_QUERIES = 30
 HAND_CHECK_DRAW = 0  # the seed of the hand check's draw of queries
+SUBSET_DRAW = 0  # the seed of the draw of the rows every run trains on
 RECORD = "record.json"
 SUBSET_RECORD = "subset.json"
 MINING_DIR, MANIFEST = "mining", "manifest.json"
@@ -154,13 +154,17 @@ def copy_instructions(source: Path, folder: Path) -> None:
 
 
 def write_given(source: Path, rows: int, folder: Path) -> dict:
-    """The first ``rows`` valid rows of ``source``, each line as it is (every field kept), in ``folder`` with
-    the instructions; returns the reading's counts (also in ``folder/subset.json``)."""
+    """``rows`` valid rows of ``source`` drawn at random (seed ``SUBSET_DRAW``), in file order, each line as it
+    is (every field kept), in ``folder`` with the instructions; returns the reading's counts (also in
+    ``folder/subset.json``). Drawn, not the first ones: the Debian file runs by source package, so its first
+    rows are a few families of near-identical packages (kernels, DPDK, translations), not the file."""
     counts = ReadCounts()
-    lines = {row.line for row in itertools.islice(read_rows(source, counts), rows)}
-    if len(lines) < rows:
-        raise SystemExit(f"{source} has {len(lines)} valid rows; --rows {rows} asks for more")
-    record = {"source": str(source), "rows": rows, "lines_read": counts.read, "skipped": dict(counts.skipped)}
+    valid = [row.line for row in read_rows(source, counts)]
+    if len(valid) < rows:
+        raise SystemExit(f"{source} has {len(valid)} valid rows; --rows {rows} asks for more")
+    lines = set(random.Random(SUBSET_DRAW).sample(valid, rows))
+    record = {"source": str(source), "rows": rows, "drawn_from": len(valid), "draw_seed": SUBSET_DRAW,
+              "lines_read": counts.read, "skipped": dict(counts.skipped)}
     with published(folder) as work:
         with open(source, "rb") as lines_in, open(work / source.name, "wb") as out:
             for number, raw in enumerate(lines_in, start=1):
@@ -249,7 +253,7 @@ def shared_settings(args: argparse.Namespace) -> dict:
     config = run_config(GIVEN, args.seeds[0], args)
     for key in ("output_dir", "seed", "dataset_file_path"):
         del config[key]
-    return {"rows": args.rows, "negatives": args.negatives, "steps": args.steps,
+    return {"rows": args.rows, "rows_draw_seed": SUBSET_DRAW, "negatives": args.negatives, "steps": args.steps,
             "global_batch": config["per_device_train_batch_size"] * args.nproc, "config": config}
 
 
@@ -481,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     add_training_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 1],
                         help="seeds of both rounds; the first one's mined folders go into hand_check.md")
-    parser.add_argument("--rows", type=int, default=2000, help="the first valid Debian rows every run trains on")
+    parser.add_argument("--rows", type=int, default=2000,
+                        help="valid Debian rows every run trains on, drawn at random (seed 0)")
     parser.add_argument("--negatives", "-k", type=int, default=1,
                         help="negatives mined per row (training uses the config's negatives_per_query first ones)")
     parser.add_argument("--teacher", action="store_true", help="add the arm mined by all-MiniLM-L6-v2")

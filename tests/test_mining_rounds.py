@@ -14,7 +14,7 @@ import pytest
 from benchmarks import ablation
 from benchmarks import mining_rounds as rounds
 from benchmarks.ablation import arm_config
-from benchmarks.mining_rounds import (HAND_CHECK_QUERIES, MinedRow, Negative, Step, describe_mining,
+from benchmarks.mining_rounds import (HAND_CHECK_QUERIES, SUBSET_DRAW, MinedRow, Negative, Step, describe_mining,
                                       false_negative_proxy, hand_check_sample, mine_command, mined_rows,
                                       remaining_steps, run_config, write_bm25, write_given)
 
@@ -45,15 +45,22 @@ SOURCE_LINES = [
 ]
 
 
-def test_the_subset_is_the_first_valid_rows_each_line_as_it_was(tmp_path):
+def test_the_subset_is_a_seeded_draw_of_valid_rows_in_file_order_each_line_as_it_was(tmp_path):
     source = write_lines(tmp_path / "src" / "packages.jsonl", SOURCE_LINES)
     (tmp_path / "src" / "datasets.json").write_text(json.dumps(INSTRUCTIONS))
+    valid = [0, 4, 5, 6]  # indices of the lines with a query, a positive and a negative
+    drawn = sorted(random.Random(SUBSET_DRAW).sample([i + 1 for i in valid], 3))
     record = write_given(source, 3, tmp_path / "given")
-    assert (tmp_path / "given" / "packages.jsonl").read_text(encoding="utf-8").splitlines() == \
-        [SOURCE_LINES[0], SOURCE_LINES[4], SOURCE_LINES[5]]
+    written = (tmp_path / "given" / "packages.jsonl").read_text(encoding="utf-8").splitlines()
+    assert written == [SOURCE_LINES[line - 1] for line in drawn]
+    assert write_given(source, 3, tmp_path / "again") == record  # the same rows on every call
+    assert (tmp_path / "again" / "packages.jsonl").read_text(encoding="utf-8").splitlines() == written
     assert json.loads((tmp_path / "given" / "datasets.json").read_text()) == INSTRUCTIONS
-    assert (record["rows"], record["lines_read"], record["skipped"]) == \
-        (3, 5, {"malformed_json": 1, "negative_missing": 1})
+    assert (record["rows"], record["drawn_from"], record["lines_read"], record["skipped"]) == \
+        (3, 4, 6, {"malformed_json": 1, "negative_missing": 1})
+    write_given(source, 4, tmp_path / "all")
+    assert (tmp_path / "all" / "packages.jsonl").read_text(encoding="utf-8").splitlines() == \
+        [SOURCE_LINES[i] for i in valid]
 
 
 def test_more_rows_than_the_file_holds_is_one_line_and_writes_nothing(tmp_path):
