@@ -24,7 +24,6 @@ from debater import checkpoint, distributed
 from debater.core.config import ConfigError, TrainConfig, settings_differences
 from debater.core.padding import pad_token_id
 from debater.core.prompts import resolve_step_tokens
-from debater.diagnostics import lora_b_norm
 from debater.model import avoid_cudnn_attention_backward, build_training_encoder, save_encoder
 from debater.model_folder import RUN_INSTRUCTIONS
 from debater.monitor import MetricsWindow, Monitor, peak_memory_mb
@@ -251,7 +250,7 @@ def _loop(training_step: TrainingStep, loader: RankLoader, monitor: Monitor, ckp
                            "train/grad_norm": grad_norm,
                            "train/grad_cache_chunk_size": config.grad_cache_chunk_size,
                            "memory/peak_mb": peak_memory_mb(engine.device),
-                           "diag/lora_b_norm": lora_b_norm(engine.module), **training_step.diagnostics()})
+                           **training_step.logged_diagnostics()})
             monitor.scalars(step, values)
             monitor.histogram(step, "train/best_step_for_positive", torch.cat(window.best_views),
                               engine.module.settings.num_views)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from debater import distributed
-from debater.diagnostics import batch_diagnostics
+from debater.diagnostics import batch_diagnostics, lora_b_norm
 from debater.core.errors import UserError
 from debater.losses import LossParts, debater_loss
 
@@ -92,6 +92,10 @@ class TrainingStep:
         everyone = distributed.gather_values(queries)
         labels = torch.arange(everyone.shape[0], device=everyone.device)
         return batch_diagnostics(everyone, candidates, labels, self.config.scale)
+
+    def logged_diagnostics(self) -> dict[str, float]:
+        """Every ``diag/*`` value a logging step writes: ``diagnostics`` and the LoRA B norm (a collective too)."""
+        return {"diag/lora_b_norm": lora_b_norm(self.engine.module), **self.diagnostics()}
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> LossParts:
         """Gradients of the whole global batch's loss in the trainable parameters; returns this rank's loss."""

@@ -57,6 +57,8 @@ def test_smoke_run_through_make_with_an_early_deadline(tmp_path):
         step = report["parts"][part]["result"]
         assert step["tokens_per_step"] == (2 + 4) * 32 and step["tokens_per_s"] > 0
         assert step["tokens_per_s_without_lora_dropout"] > 0
+        assert 0 < step["diagnostics_s"] and step["diagnostics_step_share"] == pytest.approx(
+            step["diagnostics_s"] / min(step["step_s"][1:]), rel=1e-2, abs=1e-4)
     assert "not run again" in report["parts"]["throughput"]["result"]["note"]  # the same tiny step as timing's
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# gpu-check (smoke)") and "SMOKE RUN" in markdown
