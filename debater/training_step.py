@@ -94,7 +94,7 @@ class TrainingStep:
         return batch_diagnostics(everyone, candidates, labels, self.config.scale)
 
     def logged_diagnostics(self) -> dict[str, float]:
-        """Every ``diag/*`` value a logging step writes: ``diagnostics`` and the LoRA B norm (a collective too)."""
+        """Every ``diag/*`` value a logging step writes: ``diagnostics`` and the LoRA B norm; every rank calls it."""
         return {"diag/lora_b_norm": lora_b_norm(self.engine.module), **self.diagnostics()}
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> LossParts:
