@@ -81,7 +81,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
 
 
 def significant(value: float, digits: int = 4) -> float:
-    """Rounds to significant digits, not decimals: a ratio recomputed from rounded times stays within 0.1%."""
+    """Rounds to significant digits, not decimals: a ratio recomputed from the rounded values stays within 0.2%."""
     return float(f"{value:.{digits}g}")
 
 
